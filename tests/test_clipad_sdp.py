@@ -1,0 +1,370 @@
+"""CLIP-AD SDP (zsad/methods/clipad_sdp.py) against independent references (methods.md section 4).
+
+The faithfulness test re-runs the randomly initialised zsad-tiny by hand: q/k/v from ``in_proj_weight``, the
+original and the v-v attention head by head, the staged accumulation with resets, the CLS copy, ``ln_post`` +
+``proj``, surgery with explicit per-class loops, a hand-written bilinear upsampling and scipy's Gaussian filter.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+
+from zsad.methods.clipad_sdp import (
+    ClipADSDP,
+    default_num_stages,
+    feature_surgery,
+    stage_ends,
+    transductive_scores,
+)
+from zsad.prompts import REDUCERS, reduce_sentences
+
+TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "zsad" / "tiny" / "zsad-tiny.safetensors"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from zsad.backbone import load_clip
+
+    torch.manual_seed(0)
+    return load_clip("zsad-tiny", pretrained="random")
+
+
+@pytest.fixture(scope="module")
+def detector(tiny):
+    # rvs="mean" keeps the text side trivially checkable; the RVS reducers have their own tests below.
+    return ClipADSDP(tiny, rvs="mean")
+
+
+@pytest.fixture(scope="module")
+def images(tiny):
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(3, 3, tiny.image_size, tiny.image_size, generator=gen)
+
+
+# ----------------------------------------------------------------------------------- hand-written reference
+def _two_attentions(attn: torch.nn.MultiheadAttention, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Original q-k and v-v attention outputs (after out_proj) of one block, head by head."""
+    width, heads = attn.embed_dim, attn.num_heads
+    hd = width // heads
+    qkv = h @ attn.in_proj_weight.T + attn.in_proj_bias
+    q, k, v = qkv[..., :width], qkv[..., width : 2 * width], qkv[..., 2 * width :]
+    ori, vv = torch.zeros_like(q), torch.zeros_like(q)
+    for head in range(heads):
+        cols = slice(head * hd, (head + 1) * hd)
+        qh, kh, vh = q[..., cols], k[..., cols], v[..., cols]
+        ori[..., cols] = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(hd), dim=-1) @ vh
+        vv[..., cols] = torch.softmax(vh @ vh.transpose(1, 2) / math.sqrt(hd), dim=-1) @ vh
+    out_w, out_b = attn.out_proj.weight, attn.out_proj.bias
+    return ori @ out_w.T + out_b, vv @ out_w.T + out_b
+
+
+@torch.no_grad()
+def reference_features(visual, images, layers, num_stages, legacy=False):
+    """{layer: (unit CLS (B, D), unit v-v patches (B, N, D))} computed without the backbone module."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)
+    x = torch.cat([visual.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + visual.positional_embedding
+    x = visual.ln_pre(x)
+    blocks = list(visual.transformer.resblocks)
+    step = len(blocks) // num_stages
+    path, stored = None, {}
+    for i, blk in enumerate(blocks, start=1):
+        ori, vv = _two_attentions(blk.attn, blk.ln_1(x))
+        ori, vv = blk.ls_1(ori), blk.ls_1(vv)
+        if legacy and i - 1 in stored:
+            # Official in-place `x_ori += attn`: the CLS kept for layer i-1 also receives block i's attention.
+            stored[i - 1]["cls"] = stored[i - 1]["cls"] + ori[:, 0]
+        x = x + ori
+        x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+        path = vv if (i - 1) % step == 0 else path + vv
+        if i in layers:
+            stored[i] = {"cls": x[:, 0].clone(), "path": path.clone()}
+    out = {}
+    for layer, s in stored.items():
+        tokens = torch.cat([s["cls"][:, None], s["path"][:, 1:]], dim=1)  # the CLS copy of the official code
+        proj = visual.ln_post(tokens) @ visual.proj
+        proj = proj / proj.norm(dim=-1, keepdim=True)
+        out[layer] = (proj[:, 0], proj[:, 1:])
+    return out
+
+
+def reference_surgery(p: torch.Tensor, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """CLIP-Surgery of (N, D) tokens, one class at a time (methods.md 4.3)."""
+    k_states = text.shape[1]
+    prob = torch.softmax(torch.stack([cls @ text[:, k] for k in range(k_states)]), dim=0)
+    w = prob / prob.mean()
+    elementwise = [p * text[:, k] * w[k] for k in range(k_states)]
+    redundant = sum(elementwise) / k_states
+    return torch.stack([(elementwise[k] - redundant).sum(-1) for k in range(k_states)], dim=-1)
+
+
+def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Rows of weights for 1-D linear interpolation with half-pixel centres (align_corners=False), edge-clamped."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        lam = src - i0
+        m[i, i0] += 1 - lam
+        m[i, i1] += lam
+    return m
+
+
+def reference_sdp(backbone, images, texts, layers, num_stages, sigma=8.0, surgery=True, legacy=False):
+    feats = reference_features(backbone.model.visual, images, layers, num_stages, legacy)
+    gh, gw = backbone.grid_size
+    size = images.shape[-1]
+    mh, mw = bilinear_matrix(gh, size), bilinear_matrix(gw, size)
+    maps, glob = [], []
+    for b in range(images.shape[0]):
+        total = 0
+        for layer in layers:
+            cls, patches = feats[layer][0][b], feats[layer][1][b]
+            s = reference_surgery(patches, cls, texts[b]) if surgery else patches @ texts[b]
+            total = total + s
+        abnormal = total[:, 1].double().numpy().reshape(gh, gw)
+        maps.append(gaussian_filter(mh @ abnormal @ mw.T, sigma=sigma) if sigma > 0 else mh @ abnormal @ mw.T)
+        cls_last = feats[layers[-1]][0][b]
+        glob.append(torch.softmax(100 * (cls_last @ texts[b]), dim=0)[1].item())
+    return np.stack(maps), np.array(glob)
+
+
+# ------------------------------------------------------------------------------------------- faithfulness
+def test_default_stages_per_depth():
+    assert default_num_stages(12) == 4 and stage_ends(12, 4) == (3, 6, 9, 12)
+    assert default_num_stages(24) == 4 and stage_ends(24, 4) == (6, 12, 18, 24)
+    assert default_num_stages(6) == 3 and stage_ends(6, 3) == (2, 4, 6)
+    with pytest.raises(ValueError, match="must divide"):
+        stage_ends(6, 4)
+
+
+@pytest.mark.parametrize("surgery", [True, False])
+def test_maps_and_global_match_hand_written_reference(tiny, images, surgery):
+    det = ClipADSDP(tiny, rvs="mean", surgery=surgery, image_score="global")
+    names = ["wood", "nut", "wood"]
+    scores, maps = det.predict(images, names)
+    texts = [det.text_features(n) for n in names]
+    ref_maps, ref_global = reference_sdp(tiny, images, texts, det.layers, det.options["num_stages"],
+                                         surgery=surgery)
+    assert maps.shape == (3, tiny.image_size, tiny.image_size) and maps.dtype == torch.float32
+    assert np.abs(maps.numpy() - ref_maps).max() < 1e-4
+    # The maps are not trivially flat: the tolerance is far below their spread.
+    assert np.ptp(ref_maps) > 1e-2
+    np.testing.assert_allclose(scores.numpy(), ref_global, atol=1e-5)
+
+
+def test_legacy_aliasing_matches_reference_and_changes_the_weights(tiny, images):
+    names = ["wood"] * 3
+    clean = ClipADSDP(tiny, rvs="mean", sigma=0)
+    legacy = ClipADSDP(tiny, rvs="mean", sigma=0, legacy_aliasing=True)
+    _, legacy_maps = legacy.predict(images, names)
+    texts = [legacy.text_features(n) for n in names]
+    ref, _ = reference_sdp(tiny, images, texts, legacy.layers, legacy.options["num_stages"], sigma=0, legacy=True)
+    assert np.abs(legacy_maps.numpy() - ref).max() < 1e-4
+    _, clean_maps = clean.predict(images, names)
+    assert np.abs(legacy_maps - clean_maps).max() > 1e-6
+
+
+def test_text_features_are_the_mean_of_unit_sentence_embeddings(tiny, detector):
+    from zsad.prompts import BANKS
+
+    with torch.no_grad():
+        columns = []
+        for sentences in BANKS["clipad"].sentences("screw"):
+            emb = tiny.encode_text(sentences).float()
+            mean = (emb / emb.norm(dim=-1, keepdim=True)).mean(0)
+            columns.append(mean / mean.norm())
+    assert len(BANKS["clipad"].sentences("screw")[0]) == 9 * 22
+    assert len(BANKS["clipad"].sentences("screw")[1]) == 10 * 22
+    torch.testing.assert_close(detector.text_features("screw"), torch.stack(columns, 1), atol=1e-5, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- surgery
+def test_surgery_hand_computed_case():
+    # p = t_n = cls = e1, t_a = e2: prob_n = e / (e + 1), w = 2 prob; s_a = (w_a * 0 - w_n * 1) / 2 = -prob_n.
+    p = torch.tensor([[[1.0, 0.0]]])
+    cls = torch.tensor([[1.0, 0.0]])
+    text = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    s = feature_surgery(p, cls, text)
+    assert s[0, 0, 1].item() == pytest.approx(-math.e / (math.e + 1), abs=1e-6)
+    assert s[0, 0, 0].item() == pytest.approx(math.e / (math.e + 1), abs=1e-6)
+
+
+def test_surgery_two_states_closed_form():
+    gen = torch.Generator().manual_seed(3)
+    p = F.normalize(torch.randn(2, 7, 16, generator=gen), dim=-1)
+    cls = F.normalize(torch.randn(2, 16, generator=gen), dim=-1)
+    text = F.normalize(torch.randn(2, 16, 2, generator=gen), dim=1)
+    s = feature_surgery(p, cls, text)
+    for b in range(2):
+        prob = torch.softmax(cls[b] @ text[b], dim=0)
+        w = prob / prob.mean()
+        cos_n, cos_a = p[b] @ text[b, :, 0], p[b] @ text[b, :, 1]
+        torch.testing.assert_close(s[b, :, 1], 0.5 * (w[1] * cos_a - w[0] * cos_n), atol=1e-6, rtol=0)
+        torch.testing.assert_close(s[b], reference_surgery(p[b], cls[b], text[b]), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------------- RVS
+def _clustered(seed: int, sizes=(20, 10), dim=16, spread=0.01) -> tuple[np.ndarray, list[np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    groups = []
+    for _ in sizes:
+        centre = rng.normal(size=dim)
+        groups.append(centre / np.linalg.norm(centre))
+    x = np.concatenate([g + spread * rng.normal(size=(n, dim)) for g, n in zip(groups, sizes)])
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, [x[: sizes[0]], x[sizes[0] :]]
+
+
+@pytest.mark.parametrize("reducer", sorted(REDUCERS))
+def test_every_reducer_returns_a_unit_vector(reducer):
+    x, _ = _clustered(0)
+    v = reduce_sentences(torch.from_numpy(x).float(), reducer)
+    assert v.shape == (16,) and abs(v.norm().item() - 1) < 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16-official"])
+@pytest.mark.parametrize("reducer", sorted(REDUCERS))
+def test_detector_text_columns_are_unit_for_every_reducer(tiny, reducer, precision):
+    det = ClipADSDP(tiny, rvs=reducer, text_precision=precision, dbscan_eps=0.3, dbscan_min_samples=5)
+    t = det.text_features("pill")
+    assert t.shape == (tiny.embed_dim, 2) and t.dtype == torch.float32
+    torch.testing.assert_close(t.norm(dim=0), torch.ones(2), atol=2e-3, rtol=0)
+    if precision == "fp16-official" and reducer != "mean":
+        # Rounded and normalised in fp16, as the official code; close to the fp32 vector.
+        assert torch.equal(t, t.half().float())
+        fp32 = ClipADSDP(tiny, rvs=reducer, dbscan_eps=0.3, dbscan_min_samples=5).text_features("pill")
+        assert (t - fp32).abs().max() < 2e-3
+
+
+def test_dbscan_takes_the_largest_cluster():
+    x, (big, _) = _clustered(1)
+    v = reduce_sentences(torch.from_numpy(x).double(), "dbscan", eps=0.1, min_samples=5).numpy()
+    expected = big.mean(0) / np.linalg.norm(big.mean(0))
+    np.testing.assert_allclose(v, expected, atol=1e-9)
+
+
+def test_dbscan_all_noise_falls_back_to_the_mean():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(30, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    v = reduce_sentences(torch.from_numpy(x).double(), "dbscan", eps=1e-6, min_samples=5).numpy()
+    np.testing.assert_allclose(v, x.mean(0) / np.linalg.norm(x.mean(0)), atol=1e-9)
+
+
+def official_pca_direction(x: np.ndarray) -> np.ndarray:
+    """CLIP-AD's util/prompt_ensemble.py PCA, restated: its matrix is (D, n_sentences) with the D coordinates
+    as "samples", so each sentence embedding is centred over its own coordinates, and the vector is the top
+    left singular direction of that matrix, sign-aligned with the mean sentence embedding."""
+    centred = x.T - x.T.mean(axis=0)
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred)
+    v = centred @ eigvec[:, np.argmax(np.abs(eigval))]
+    v = v if v @ x.mean(0) >= 0 else -v
+    return v / np.linalg.norm(v)
+
+
+@pytest.mark.xfail(strict=True, reason="zsad.prompts.reduce_pca centres over sentences, not per embedding "
+                   "as the official code (reported to the lead); remove this mark once prompts.py follows it")
+def test_pca_matches_the_official_definition():
+    x, _ = _clustered(4, sizes=(15, 15), spread=0.2)
+    v = reduce_sentences(torch.from_numpy(x).double(), "pca").numpy()
+    np.testing.assert_allclose(v, official_pca_direction(x), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------- protocol behaviour
+def test_batch_equals_one_by_one(detector, images):
+    names = ["wood", "nut", "screw"]
+    scores, maps = detector.predict(images, names)
+    for i in range(3):
+        s, m = detector.predict(images[i : i + 1], names[i : i + 1])
+        torch.testing.assert_close(s, scores[i : i + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(m, maps[i : i + 1], atol=1e-5, rtol=0)
+
+
+def test_image_score_options(tiny, images):
+    names = ["wood"] * 3
+    parts = ClipADSDP(tiny, rvs="mean").score_parts_from_features(
+        ClipADSDP(tiny, rvs="mean").extract_features(images), names
+    )
+    max_scores, maps = ClipADSDP(tiny, rvs="mean", image_score="max").predict(images, names)
+    torch.testing.assert_close(max_scores, maps.flatten(1).max(dim=1).values)
+    torch.testing.assert_close(parts["max"], max_scores)
+    with pytest.warns(UserWarning, match="transductive"):
+        det = ClipADSDP(tiny, rvs="mean", image_score="minmax-sum")
+    raw, _ = det.predict(images, names)
+    torch.testing.assert_close(raw, parts["global"] + parts["max"])
+
+
+def test_wrong_input_and_bad_options_raise_clear_errors(tiny, detector):
+    with pytest.raises(ValueError, match="image_size"):
+        detector.predict(torch.zeros(1, 3, 64, 64), ["wood"])
+    with pytest.raises(ValueError, match="class names"):
+        detector.predict(torch.zeros(2, 3, tiny.image_size, tiny.image_size), ["wood"])
+    with pytest.raises(ValueError, match="must divide"):
+        ClipADSDP(tiny, num_stages=4)
+    with pytest.raises(ValueError, match="rvs"):
+        ClipADSDP(tiny, rvs="median")
+    with pytest.raises(ValueError, match="image_score"):
+        ClipADSDP(tiny, image_score="mean")
+    with pytest.raises(ValueError, match="layers"):
+        ClipADSDP(tiny, layers=[0, 7])
+
+
+def test_transductive_scores_hand_computed():
+    g = [0.0, 1.0, 2.0, 5.0, 5.0]
+    m = [2.0, 0.0, 1.0, 1.0, 3.0]
+    out = transductive_scores(g, m, ["a", "a", "a", "b", "b"])
+    # a: minmax(g) = 0, .5, 1 and minmax(m) = 1, 0, .5; b: constant g -> 0, minmax(m) = 0, 1.
+    np.testing.assert_allclose(out, [1.0, 0.5, 1.5, 0.0, 1.0])
+    with pytest.raises(ValueError, match="class names"):
+        transductive_scores(g, m, ["a"])
+
+
+def test_finalize_scores(tiny):
+    df = pd.DataFrame({"cls_name": ["a", "a", "b", "b"], "score": [9.0] * 4,
+                       "global": [0.1, 0.3, 0.2, 0.2], "max": [1.0, 0.0, 0.5, 0.7]})
+    assert ClipADSDP(tiny, rvs="mean").finalize_scores(df) is df
+    with pytest.warns(UserWarning):
+        det = ClipADSDP(tiny, rvs="mean", image_score="minmax-sum")
+    np.testing.assert_allclose(det.finalize_scores(df)["score"], [1.0, 1.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="last_score_parts"):
+        det.finalize_scores(df.drop(columns=["max"]))
+
+
+# ------------------------------------------------------------------------ behaviour on the trained world
+@pytest.fixture(scope="module")
+def trained_world(tmp_path_factory):
+    """Trained zsad-tiny + SynthAD held-out categories; skipped while the weights do not exist yet."""
+    if not TINY_WEIGHTS.exists():
+        pytest.skip("zsad-tiny weights not trained yet (zsad/tiny/zsad-tiny.safetensors)")
+    synth = pytest.importorskip("zsad.data.synth")
+    from zsad.backbone import load_clip
+    from zsad.data import load_dataset
+
+    root = tmp_path_factory.mktemp("synthad")
+    held_out = list(getattr(synth, "HELD_OUT", synth.CATEGORIES[:2]))
+    synth.generate(root, seed=0, categories=held_out)
+    backbone = load_clip("zsad-tiny")
+    return backbone, load_dataset(root, split="test", image_size=backbone.image_size)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("surgery", [True, False])
+def test_pixel_auroc_above_floor_on_held_out_categories(trained_world, surgery):
+    from zsad.evaluate import evaluate
+
+    backbone, dataset = trained_world
+    result = evaluate(ClipADSDP(backbone, surgery=surgery), dataset, progress=False)
+    mean = result.table.loc["mean"]
+    # Floors to calibrate once the weights exist: chance is 0.5; the prototype's plain patch-text
+    # similarity reached ~0.70-0.80 pixel AUROC on held-out categories.
+    assert mean["pixel_auroc"] > (0.6 if surgery else 0.55)
+    assert mean["image_auroc"] > 0.55

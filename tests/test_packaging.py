@@ -1,0 +1,44 @@
+"""The two dependency lists (pyproject for pip, environment.yml for conda) must say the same thing."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _normalise(requirement: str) -> tuple[str, str]:
+    name, spec = re.match(r"^([A-Za-z0-9_.\-]+)\s*(.*)$", requirement.strip()).groups()
+    return name.lower().replace("_", "-"), spec.replace(" ", "")
+
+
+def _pyproject() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
+    return dict(_normalise(r) for r in reqs)
+
+
+def _environment() -> dict[str, str]:
+    lines = (ROOT / "environment.yml").read_text().splitlines()
+    start = lines.index("  - pip:")
+    reqs = [ln.strip()[2:] for ln in lines[start + 1:] if ln.strip().startswith("- ") and "-e ." not in ln]
+    return dict(_normalise(r) for r in reqs)
+
+
+def test_environment_yml_mirrors_pyproject():
+    assert _environment() == _pyproject()
+
+
+def test_python_floor_matches():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    floor = project["requires-python"].removeprefix(">=")
+    assert f"python>={floor}" in (ROOT / "environment.yml").read_text()
+
+
+def test_top_level_layout():
+    for name in ("README.md", "environment.yml", "pyproject.toml", "Makefile", ".ci/run", "notebooks", "zsad",
+                 "reports", "tests"):
+        assert (ROOT / name).exists(), name

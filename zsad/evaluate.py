@@ -1,0 +1,198 @@
+"""Run any detector over a meta.json dataset and build the per-class table (methods.md 1.5, pitfall 21).
+
+Every metric is computed per class (pixel metrics pool all pixels of the class's test images at S x S), then
+averaged without weights over classes. A class with a single label reports "n/a" (NaN), never 0.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from zsad import metrics
+from zsad.cache import FeatureCache
+from zsad.methods.base import Detector
+
+COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+
+
+@dataclass
+class EvalResult:
+    """Per-class table (fractions in [0, 1], NaN for n/a), per-image scores, and optionally the maps."""
+
+    table: pd.DataFrame
+    scores: pd.DataFrame
+    aupro_convention: str
+    config: dict[str, Any]
+    maps: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def to_markdown(self) -> str:
+        """Percentages to 0.1 like the papers, "n/a" for undefined, AUPRO convention named in the header."""
+        shown = self.table.rename(columns={"pixel_aupro": f"pixel_aupro ({self.aupro_convention})"})
+        shown = shown.map(metrics.format_value)
+        header = "| class | " + " | ".join(shown.columns) + " |"
+        rule = "|" + "---|" * (len(shown.columns) + 1)
+        rows = [f"| {name} | " + " | ".join(row) + " |" for name, row in zip(shown.index, shown.values)]
+        return "\n".join([header, rule, *rows])
+
+    def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``metrics.csv`` (one row per class + ``mean``), ``metrics.md``, ``scores.csv`` and ``run.json``."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.rename_axis("class").reset_index().to_csv(out / "metrics.csv", index=False,
+                                                             float_format="%.6f", na_rep="")
+        (out / "metrics.md").write_text(self.to_markdown() + "\n")
+        self.scores.to_csv(out / "scores.csv", index=False, float_format="%.6f")
+        run = {**self.config, "aupro_convention": self.aupro_convention, **(extra or {}), "versions": versions()}
+        (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
+        return out
+
+
+def versions() -> dict[str, str]:
+    import open_clip
+
+    import zsad
+
+    return {"zsad": zsad.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
+            "python": platform.python_version()}
+
+
+def _collate(items: list[dict]) -> dict[str, Any]:
+    return {
+        "image": torch.stack([it["image"] for it in items]),
+        "mask": torch.stack([it["mask"] for it in items]),
+        "label": [int(it["label"]) for it in items],
+        "cls_name": [it["cls_name"] for it in items],
+        "path": [it["path"] for it in items],
+    }
+
+
+def _predict_batch(detector: Detector, batch: dict[str, Any], cache: FeatureCache | None):
+    images, class_names = batch["image"], batch["cls_name"]
+    if cache is None or not hasattr(detector, "extract_features"):
+        return detector.predict(images, class_names)
+    key = detector.feature_key()
+    cached = [cache.get(key, path) for path in batch["path"]]
+    missing = [i for i, feats in enumerate(cached) if feats is None]
+    if missing:
+        fresh = detector.extract_features(images[missing])
+        for j, i in enumerate(missing):
+            cached[i] = {name: value[j] for name, value in fresh.items()}
+            cache.put(key, batch["path"][i], cached[i])
+    features = {name: torch.stack([c[name] for c in cached]) for name in cached[0]}
+    return detector.predict_features(features, class_names)
+
+
+def evaluate(
+    detector: Detector,
+    dataset: Dataset,
+    batch_size: int = 8,
+    aupro_convention: str = "cflow",
+    progress: bool = True,
+    keep_maps: bool = False,
+    cache: FeatureCache | bool | None = None,
+    max_images_per_class: int | None = None,
+) -> EvalResult:
+    """Predict every test image, then compute image and pixel metrics per class and their mean.
+
+    ``cache=True`` stores frozen features on disk (:class:`zsad.cache.FeatureCache`) for detectors that split
+    ``extract_features``/``predict_features``; a second run reads them instead of running the backbone.
+    ``max_images_per_class`` keeps the first N images of each class (quick looks; the table says so).
+    """
+    if aupro_convention not in metrics.AUPRO_CONVENTIONS:
+        raise ValueError(f"aupro_convention must be one of {metrics.AUPRO_CONVENTIONS}")
+    if max_images_per_class is not None:
+        dataset = _first_per_class(dataset, max_images_per_class)
+    if len(dataset) == 0:
+        raise ValueError("the dataset is empty: check the split and class filter")
+    feature_cache = FeatureCache() if cache is True else (cache or None)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    per_class: dict[str, dict[str, list]] = {}
+    rows = []
+    maps_out: dict[str, np.ndarray] = {}
+    desc = f"{getattr(detector, 'method_id', 'detector')} eval"
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=desc, disable=not progress):
+            scores, maps = _predict_batch(detector, batch, feature_cache)
+            scores, maps = scores.float().cpu().numpy(), maps.float().cpu().numpy()
+            for i, cls in enumerate(batch["cls_name"]):
+                acc = per_class.setdefault(cls, {"labels": [], "scores": [], "masks": [], "maps": []})
+                acc["labels"].append(batch["label"][i])
+                acc["scores"].append(float(scores[i]))
+                acc["masks"].append(batch["mask"][i].numpy() > 0.5)
+                acc["maps"].append(maps[i])
+                rows.append({"path": batch["path"][i], "cls_name": cls, "label": batch["label"][i],
+                             "score": float(scores[i])})
+                if keep_maps:
+                    maps_out[batch["path"][i]] = maps[i]
+    scores_df = pd.DataFrame(rows)
+    if hasattr(detector, "finalize_scores"):
+        scores_df = detector.finalize_scores(scores_df)
+        for cls, acc in per_class.items():
+            acc["scores"] = scores_df.loc[scores_df.cls_name == cls, "score"].tolist()
+    table = metrics_table(per_class, aupro_convention)
+    config = detector.config() if hasattr(detector, "config") else {}
+    if max_images_per_class is not None:
+        config["max_images_per_class"] = max_images_per_class
+    return EvalResult(table, scores_df, aupro_convention, config, maps_out)
+
+
+def metrics_table(per_class: dict[str, dict[str, list]], aupro_convention: str = "cflow") -> pd.DataFrame:
+    """Rows: classes (sorted) then ``mean`` (unweighted over classes, NaN-aware); columns: :data:`COLUMNS`."""
+    records = {}
+    for cls in sorted(per_class):
+        acc = per_class[cls]
+        image = metrics.image_metrics(np.asarray(acc["labels"]), np.asarray(acc["scores"]))
+        masks = np.stack(acc["masks"])
+        if masks.any():
+            pixel = metrics.pixel_metrics(masks, np.stack(acc["maps"]), aupro_convention=aupro_convention)
+        else:
+            # Image-only datasets (and classes with no annotated defect) have no pixel ground truth.
+            pixel = {"auroc": math.nan, "ap": math.nan, "f1_max": math.nan, "aupro": math.nan}
+        records[cls] = {**{f"image_{k}": image[k] for k in ("auroc", "ap", "f1_max")},
+                        **{f"pixel_{k}": pixel[k] for k in ("auroc", "ap", "f1_max", "aupro")}}
+    records["mean"] = metrics.summarize(records)
+    return pd.DataFrame.from_dict(records, orient="index")[list(COLUMNS)]
+
+
+def _first_per_class(dataset: Dataset, n: int) -> Subset:
+    kept: dict[str, int] = {}
+    indices = []
+    for i, item in enumerate(dataset.items):
+        if kept.get(item["cls_name"], 0) < n:
+            kept[item["cls_name"]] = kept.get(item["cls_name"], 0) + 1
+            indices.append(i)
+    subset = Subset(dataset, indices)
+    subset.items = [dataset.items[i] for i in indices]
+    return subset
+
+
+def fit_few_shot(detector: Detector, train_dataset: Dataset, k: int, seed: int = 0,
+                 classes: list[str] | None = None) -> list[str]:
+    """Give ``k`` normal reference images per class (drawn with ``seed`` from the train split) to the detector.
+
+    Returns the reference image paths, so reports can list exactly which shots were used.
+    """
+    if k < 1:
+        raise ValueError(f"k-shot needs k >= 1, got {k}")
+    rng = np.random.default_rng(seed)
+    used = []
+    for cls in classes or sorted({it["cls_name"] for it in train_dataset.items}):
+        normal = [i for i, it in enumerate(train_dataset.items) if it["cls_name"] == cls and int(it["anomaly"]) == 0]
+        if len(normal) < k:
+            raise ValueError(f"class {cls!r} has {len(normal)} normal training images; {k}-shot needs {k}")
+        picked = sorted(rng.choice(normal, size=k, replace=False).tolist())
+        images = torch.stack([train_dataset[i]["image"] for i in picked])
+        detector.fit_few_shot(images, [cls] * k)
+        used += [train_dataset[i]["path"] for i in picked]
+    return used

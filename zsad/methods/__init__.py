@@ -1,0 +1,52 @@
+"""One registry for every detector (timm-style): ``create(ID, ...)`` builds any method by its ID."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from zsad.methods.base import Detector
+
+# method ID -> "module:Class"; modules import lazily so that listing methods stays cheap.
+_REGISTRY: dict[str, str] = {
+    "clip": "zsad.methods.clip_baseline:CLIPBaseline",
+}
+
+
+def available() -> list[str]:
+    """IDs of the methods that exist in this version."""
+    return sorted(_REGISTRY)
+
+
+def get_class(method_id: str) -> type[Detector]:
+    key = method_id.lower()
+    if key not in _REGISTRY:
+        raise ValueError(f"unknown method {method_id!r}; available: {', '.join(available())}")
+    module_name, class_name = _REGISTRY[key].split(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def create(
+    method_id: str,
+    backbone: Any = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    **options: Any,
+) -> Detector:
+    """Build a detector with its paper defaults wherever an argument is None.
+
+    ``backbone`` is an open_clip model name (e.g. ``"ViT-L-14-336"``, ``"zsad-tiny"``) or an already loaded
+    :class:`zsad.backbone.CLIPBackbone` (then ``weights``/``image_size`` must be None).
+    """
+    from zsad.backbone import CLIPBackbone, default_weights_for, load_clip
+
+    cls = get_class(method_id)
+    if isinstance(backbone, CLIPBackbone):
+        if weights is not None or image_size is not None:
+            raise ValueError("pass weights/image_size to load_clip, not with an already loaded backbone")
+        return cls(backbone, **options)
+    name = backbone or cls.default_backbone
+    if weights is None:
+        weights = cls.default_weights if name == cls.default_backbone else default_weights_for(name)
+    size = image_size or (cls.default_image_size if name == cls.default_backbone else None)
+    return cls(load_clip(name, pretrained=weights, image_size=size), **options)

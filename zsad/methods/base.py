@@ -1,0 +1,68 @@
+"""The one protocol every detector follows (design.md, "One protocol for every method").
+
+A detector is built from a loaded backbone plus method options, optionally fitted (few-shot memory or
+training), and answers ``predict(images, class_names) -> (image_scores[B], anomaly_maps[B, S, S])``.
+Notebooks, the evaluator and the CLI only ever talk to this interface.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+
+from zsad.backbone import CLIPBackbone
+
+
+class Detector:
+    """Base class: subclasses set the class attributes and implement :meth:`predict`.
+
+    Class attributes name the paper defaults used by :func:`zsad.methods.create` when an argument is None.
+    """
+
+    method_id: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    default_backbone: ClassVar[str] = "ViT-B-16-plus-240"
+    default_weights: ClassVar[str | None] = "laion400m_e31"
+    default_image_size: ClassVar[int] = 240
+    few_shot: ClassVar[bool] = False
+
+    def __init__(self, backbone: CLIPBackbone, **options: Any) -> None:
+        self.backbone = backbone
+        self.options = options
+
+    @property
+    def image_size(self) -> int:
+        return self.backbone.image_size
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable description of this detector (method, backbone, weights, options)."""
+        return {
+            "method": self.method_id,
+            "backbone": self.backbone.name,
+            "weights": self.backbone.pretrained,
+            "image_size": self.backbone.image_size,
+            **{k: v for k, v in self.options.items() if isinstance(v, (int, float, str, bool, list, tuple))},
+        }
+
+    def fit_few_shot(self, images: torch.Tensor, class_names: list[str]) -> Detector:
+        raise NotImplementedError(f"{self.method_id} is zero-shot only; it takes no reference images")
+
+    def predict(self, images: torch.Tensor, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def check_input(self, images: torch.Tensor, class_names: list[str]) -> None:
+        """Clear errors for the usual user mistakes, before anything reaches torch internals."""
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"{self.method_id}: images must be a float tensor (B, 3, S, S); got {shape}")
+        size = self.image_size
+        if images.shape[-2:] != (size, size):
+            raise ValueError(
+                f"{self.method_id}: images are {tuple(images.shape[-2:])} but the backbone runs at "
+                f"{size}x{size}; load the dataset with image_size={size}"
+            )
+        if len(class_names) != images.shape[0]:
+            raise ValueError(
+                f"{self.method_id}: got {images.shape[0]} images but {len(class_names)} class names"
+            )

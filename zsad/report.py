@@ -1,0 +1,40 @@
+"""Render a parameterised notebook into a report folder: executed notebook (papermill) + HTML (nbconvert).
+
+The notebook receives ``out_dir`` as a parameter and writes its metrics CSV and figures there, so one folder
+holds everything a reader needs: ``reports/<name>/{<name>.ipynb, <name>.html, metrics.csv, *.png}``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def parse_value(text: str) -> Any:
+    """``-p key value`` arrives as text; JSON literals (numbers, null, true, lists) become Python values."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def render_notebook(notebook: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None,
+                    progress: bool = True) -> Path:
+    """Execute ``notebook`` with papermill into ``out_dir`` and export HTML beside it; returns the HTML path."""
+    import nbformat
+    import papermill as pm
+    from nbconvert import HTMLExporter
+
+    notebook, out = Path(notebook), Path(out_dir)
+    if not notebook.exists():
+        raise FileNotFoundError(f"no notebook at {notebook}")
+    out.mkdir(parents=True, exist_ok=True)
+    executed = out / notebook.name
+    params = {**(parameters or {}), "out_dir": str(out.resolve())}
+    pm.execute_notebook(str(notebook), str(executed), parameters=params, progress_bar=progress,
+                        cwd=str(Path.cwd()))
+    body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
+    html = executed.with_suffix(".html")
+    html.write_text(body, encoding="utf-8")
+    return html

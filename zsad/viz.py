@@ -1,0 +1,84 @@
+"""Figures people want to look at: heatmap overlays, ROC curves, per-class bars (matplotlib + seaborn)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from zsad.data.images import denormalize
+
+
+def _as_numpy(x: np.ndarray | torch.Tensor) -> np.ndarray:
+    return x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def overlay_grid(
+    images: Sequence[torch.Tensor] | torch.Tensor,
+    maps: Sequence[np.ndarray | torch.Tensor],
+    masks: Sequence[np.ndarray | torch.Tensor] | None = None,
+    titles: Sequence[str] | None = None,
+    vmax: float | None = None,
+    columns: int = 4,
+) -> Figure:
+    """Each image (normalised tensor) with its anomaly map as a jet overlay and the ground truth as a contour.
+
+    One colour scale across the grid (``vmax`` defaults to the largest map value) so maps are comparable.
+    """
+    maps = [_as_numpy(m) for m in maps]
+    vmax = float(max(m.max() for m in maps)) if vmax is None else vmax
+    vmin = float(min(m.min() for m in maps))
+    rows = int(np.ceil(len(maps) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3 * columns, 3 * rows), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for i, ax in enumerate(axes.ravel()[: len(maps)]):
+        ax.imshow(denormalize(images[i]))
+        ax.imshow(maps[i], cmap="jet", alpha=0.45, vmin=vmin, vmax=vmax)
+        if masks is not None and _as_numpy(masks[i]).any():
+            ax.contour(_as_numpy(masks[i]) > 0.5, levels=[0.5], colors="white", linewidths=1.2)
+        if titles is not None:
+            ax.set_title(titles[i], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def roc_curves(scores: pd.DataFrame, by: str = "cls_name", ax: plt.Axes | None = None) -> Figure:
+    """Image-level ROC curve per class from an :class:`zsad.evaluate.EvalResult` ``scores`` frame."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 5))
+    for name, group in scores.groupby(by):
+        if group["label"].nunique() < 2:
+            continue
+        fpr, tpr, _ = roc_curve(group["label"], group["score"])
+        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(group['label'], group['score']):.2f})")
+    ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC")
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def per_class_bars(tables: dict[str, pd.DataFrame] | pd.DataFrame, metric: str = "image_auroc",
+                   ax: plt.Axes | None = None) -> Figure:
+    """Seaborn bars of one metric per class; several tables (e.g. one per method) become hue groups."""
+    import seaborn as sns
+
+    if isinstance(tables, pd.DataFrame):
+        tables = {"": tables}
+    long = pd.concat(
+        [t[[metric]].rename_axis("class").reset_index().assign(run=name) for name, t in tables.items()]
+    )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(5, 0.6 * long["class"].nunique() * len(tables)), 3.5))
+    sns.barplot(data=long, x="class", y=metric, hue="run" if len(tables) > 1 else None, ax=ax)
+    ax.axhline(0.5, ls="--", c="grey", lw=0.8)
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", rotation=45)
+    ax.figure.tight_layout()
+    return ax.figure
