@@ -1,14 +1,14 @@
 """CLIP-AD SDP (zsad/methods/clipad_sdp.py) against independent references (methods.md section 4).
 
 The faithfulness test re-runs the randomly initialised zsad-tiny by hand: q/k/v from ``in_proj_weight``, the
-original and the v-v attention head by head, the staged accumulation with resets, the CLS copy, ``ln_post`` +
-``proj``, surgery with explicit per-class loops, a hand-written bilinear upsampling and scipy's Gaussian filter.
+original and the v-v attention head by head, the staged accumulation with resets, the CLS copy, ``ln_post``
++ ``proj``, surgery with explicit per-class loops, a hand-written bilinear upsampling and scipy's Gaussian
+filter.
 """
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,20 +21,16 @@ from zsad.methods.clipad_sdp import (
     ClipADSDP,
     default_num_stages,
     feature_surgery,
+    representative_vector,
     stage_ends,
     transductive_scores,
 )
 from zsad.prompts import REDUCERS, reduce_sentences
 
-TINY_WEIGHTS = Path(__file__).resolve().parents[1] / "zsad" / "tiny" / "zsad-tiny.safetensors"
-
 
 @pytest.fixture(scope="module")
-def tiny():
-    from zsad.backbone import load_clip
-
-    torch.manual_seed(0)
-    return load_clip("zsad-tiny", pretrained="random")
+def tiny(tiny_random):
+    return tiny_random
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +102,7 @@ def reference_surgery(p: torch.Tensor, cls: torch.Tensor, text: torch.Tensor) ->
 
 
 def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """Rows of weights for 1-D linear interpolation with half-pixel centres (align_corners=False), edge-clamped."""
+    """1-D linear interpolation weights, half-pixel centres (align_corners=False), clamped at the edges."""
     m = np.zeros((n_out, n_in))
     for i in range(n_out):
         src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
@@ -152,25 +148,28 @@ def test_maps_and_global_match_hand_written_reference(tiny, images, surgery):
     names = ["wood", "nut", "wood"]
     scores, maps = det.predict(images, names)
     texts = [det.text_features(n) for n in names]
-    ref_maps, ref_global = reference_sdp(tiny, images, texts, det.layers, det.options["num_stages"],
-                                         surgery=surgery)
+    ref_maps, ref_global = reference_sdp(
+        tiny, images, texts, det.layers, det.options["num_stages"], surgery=surgery
+    )
     assert maps.shape == (3, tiny.image_size, tiny.image_size) and maps.dtype == torch.float32
-    assert np.abs(maps.numpy() - ref_maps).max() < 1e-4
+    assert np.abs(maps.numpy() - ref_maps).max() < 1e-5
     # The maps are not trivially flat: the tolerance is far below their spread.
     assert np.ptp(ref_maps) > 1e-2
     np.testing.assert_allclose(scores.numpy(), ref_global, atol=1e-5)
 
 
 def test_legacy_aliasing_matches_reference_and_changes_the_weights(tiny, images):
-    names = ["wood"] * 3
+    images, names = images[:1], ["wood"]
     clean = ClipADSDP(tiny, rvs="mean", sigma=0)
     legacy = ClipADSDP(tiny, rvs="mean", sigma=0, legacy_aliasing=True)
     _, legacy_maps = legacy.predict(images, names)
     texts = [legacy.text_features(n) for n in names]
-    ref, _ = reference_sdp(tiny, images, texts, legacy.layers, legacy.options["num_stages"], sigma=0, legacy=True)
-    assert np.abs(legacy_maps.numpy() - ref).max() < 1e-4
+    stages = legacy.options["num_stages"]
+    ref, _ = reference_sdp(tiny, images, texts, legacy.layers, stages, sigma=0, legacy=True)
+    # The aliasing moves the maps by ~1e-4 (it only touches the surgery weights), so the tolerance is tighter.
+    assert np.abs(legacy_maps.numpy() - ref).max() < 1e-6
     _, clean_maps = clean.predict(images, names)
-    assert np.abs(legacy_maps - clean_maps).max() > 1e-6
+    assert (legacy_maps - clean_maps).abs().max().item() > 1e-5
 
 
 def test_text_features_are_the_mean_of_unit_sentence_embeddings(tiny, detector):
@@ -219,7 +218,7 @@ def _clustered(seed: int, sizes=(20, 10), dim=16, spread=0.01) -> tuple[np.ndarr
     for _ in sizes:
         centre = rng.normal(size=dim)
         groups.append(centre / np.linalg.norm(centre))
-    x = np.concatenate([g + spread * rng.normal(size=(n, dim)) for g, n in zip(groups, sizes)])
+    x = np.concatenate([g + spread * rng.normal(size=(n, dim)) for g, n in zip(groups, sizes, strict=True)])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x, [x[: sizes[0]], x[sizes[0] :]]
 
@@ -233,16 +232,27 @@ def test_every_reducer_returns_a_unit_vector(reducer):
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16-official"])
 @pytest.mark.parametrize("reducer", sorted(REDUCERS))
-def test_detector_text_columns_are_unit_for_every_reducer(tiny, reducer, precision):
-    det = ClipADSDP(tiny, rvs=reducer, text_precision=precision, dbscan_eps=0.3, dbscan_min_samples=5)
+def test_representative_vector_is_unit_for_every_reducer_and_precision(reducer, precision):
+    x = torch.from_numpy(_clustered(5)[0]).float()
+    options = {"eps": 0.1, "min_samples": 5} if reducer == "dbscan" else {}
+    v = representative_vector(x, reducer, precision, **options)
+    assert v.shape == (16,) and v.dtype == torch.float32
+    assert abs(v.norm().item() - 1) < 2e-3
+    fp32 = representative_vector(x, reducer, "fp32", **options)
+    if precision == "fp16-official" and reducer != "mean":
+        # Rounded and normalised in fp16 as the official code: fp16 values, within fp16 error of fp32.
+        assert torch.equal(v, v.half().float())
+        assert 0 < (v - fp32).abs().max() < 2e-3
+    else:
+        torch.testing.assert_close(v, fp32)
+
+
+def test_detector_text_columns_are_unit(tiny):
+    det = ClipADSDP(tiny)  # the default: DBSCAN with the MVTec preset
+    assert det.options["rvs"] == "dbscan" and det.options["dbscan_eps"] == 0.5
     t = det.text_features("pill")
     assert t.shape == (tiny.embed_dim, 2) and t.dtype == torch.float32
-    torch.testing.assert_close(t.norm(dim=0), torch.ones(2), atol=2e-3, rtol=0)
-    if precision == "fp16-official" and reducer != "mean":
-        # Rounded and normalised in fp16, as the official code; close to the fp32 vector.
-        assert torch.equal(t, t.half().float())
-        fp32 = ClipADSDP(tiny, rvs=reducer, dbscan_eps=0.3, dbscan_min_samples=5).text_features("pill")
-        assert (t - fp32).abs().max() < 2e-3
+    torch.testing.assert_close(t.norm(dim=0), torch.ones(2))
 
 
 def test_dbscan_takes_the_largest_cluster():
@@ -271,8 +281,11 @@ def official_pca_direction(x: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-@pytest.mark.xfail(strict=True, reason="zsad.prompts.reduce_pca centres over sentences, not per embedding "
-                   "as the official code (reported to the lead); remove this mark once prompts.py follows it")
+@pytest.mark.xfail(
+    strict=True,
+    reason="zsad.prompts.reduce_pca centres over sentences, not per embedding "
+    "as the official code (reported to the lead); remove this mark once prompts.py follows it",
+)
 def test_pca_matches_the_official_definition():
     x, _ = _clustered(4, sizes=(15, 15), spread=0.2)
     v = reduce_sentences(torch.from_numpy(x).double(), "pca").numpy()
@@ -329,8 +342,14 @@ def test_transductive_scores_hand_computed():
 
 
 def test_finalize_scores(tiny):
-    df = pd.DataFrame({"cls_name": ["a", "a", "b", "b"], "score": [9.0] * 4,
-                       "global": [0.1, 0.3, 0.2, 0.2], "max": [1.0, 0.0, 0.5, 0.7]})
+    df = pd.DataFrame(
+        {
+            "cls_name": ["a", "a", "b", "b"],
+            "score": [9.0] * 4,
+            "global": [0.1, 0.3, 0.2, 0.2],
+            "max": [1.0, 0.0, 0.5, 0.7],
+        }
+    )
     assert ClipADSDP(tiny, rvs="mean").finalize_scores(df) is df
     with pytest.warns(UserWarning):
         det = ClipADSDP(tiny, rvs="mean", image_score="minmax-sum")
@@ -341,30 +360,20 @@ def test_finalize_scores(tiny):
 
 # ------------------------------------------------------------------------ behaviour on the trained world
 @pytest.fixture(scope="module")
-def trained_world(tmp_path_factory):
-    """Trained zsad-tiny + SynthAD held-out categories; skipped while the weights do not exist yet."""
-    if not TINY_WEIGHTS.exists():
-        pytest.skip("zsad-tiny weights not trained yet (zsad/tiny/zsad-tiny.safetensors)")
-    synth = pytest.importorskip("zsad.data.synth")
-    from zsad.backbone import load_clip
+def heldout_test(tiny_trained, synthad_root, heldout_classes):
+    """SynthAD test images of the categories zsad-tiny never saw (skipped while the weights are absent)."""
     from zsad.data import load_dataset
 
-    root = tmp_path_factory.mktemp("synthad")
-    held_out = list(getattr(synth, "HELD_OUT", synth.CATEGORIES[:2]))
-    synth.generate(root, seed=0, categories=held_out)
-    backbone = load_clip("zsad-tiny")
-    return backbone, load_dataset(root, split="test", image_size=backbone.image_size)
+    return load_dataset(synthad_root, "test", image_size=tiny_trained.image_size, classes=heldout_classes)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("surgery", [True, False])
-def test_pixel_auroc_above_floor_on_held_out_categories(trained_world, surgery):
+def test_pixel_auroc_above_floor_on_held_out_categories(tiny_trained, heldout_test, surgery):
     from zsad.evaluate import evaluate
 
-    backbone, dataset = trained_world
-    result = evaluate(ClipADSDP(backbone, surgery=surgery), dataset, progress=False)
-    mean = result.table.loc["mean"]
-    # Floors to calibrate once the weights exist: chance is 0.5; the prototype's plain patch-text
-    # similarity reached ~0.70-0.80 pixel AUROC on held-out categories.
-    assert mean["pixel_auroc"] > (0.6 if surgery else 0.55)
-    assert mean["image_auroc"] > 0.55
+    table = evaluate(ClipADSDP(tiny_trained, surgery=surgery), heldout_test, progress=False).table
+    # Floors to calibrate once the weights exist (chance is 0.5). The prototype's plain patch-text similarity
+    # reached ~0.70-0.80 pixel AUROC on held-out categories; surgery off is the weaker ablation.
+    assert table.loc["mean", "pixel_auroc"] > (0.65 if surgery else 0.55)
+    assert table.loc["mean", "image_auroc"] > 0.6

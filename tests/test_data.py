@@ -79,7 +79,13 @@ def test_reads_file_written_like_official_generator(tmp_path):
 
 
 def test_write_meta_official_layout_and_roundtrip(tmp_path):
-    record = {"anomaly": 1, "specie_name": "hole", "cls_name": "a", "mask_path": "a/m.png", "img_path": "a/i.png"}
+    record = {
+        "anomaly": 1,
+        "specie_name": "hole",
+        "cls_name": "a",
+        "mask_path": "a/m.png",
+        "img_path": "a/i.png",
+    }
     meta = {"train": {"a": []}, "test": {"a": [record]}}
     path = write_meta(meta, tmp_path)
     assert path == tmp_path / "meta.json"
@@ -99,7 +105,10 @@ def test_write_meta_official_layout_and_roundtrip(tmp_path):
         ({"test": {"a": {}}}, "must be a list"),
         ({"test": {"a": [_rec("i.png", "", "a", "good", 0) | {"anomaly": 2}]}}, "0 or 1"),
         ({"test": {"a": [_rec("i.png", "", "a", "good", 0) | {"anomaly": True}]}}, "0 or 1"),
-        ({"test": {"a": [{"img_path": "i.png", "cls_name": "a", "specie_name": "", "anomaly": 0}]}}, "mask_path"),
+        (
+            {"test": {"a": [{"img_path": "i.png", "cls_name": "a", "specie_name": "", "anomaly": 0}]}},
+            "mask_path",
+        ),
         ({"test": {"a": [_rec("i.png", None, "a", "good", 0)]}}, "'mask_path' must be a string"),
         ({"test": {"a": [_rec("i.png", "", "b", "good", 0)]}}, "listed under"),
         ({"test": {"a": [_rec("", "", "a", "good", 0)]}}, "empty"),
@@ -147,6 +156,10 @@ def test_16bit_png_is_rescaled_not_clipped(tmp_path):
     assert Image.open(tmp_path / "d.png").mode == "I;16"
     out = np.asarray(load_image(tmp_path / "d.png"))[..., 0]
     assert out.tolist() == [[0, 4, 128, 255]]  # round(v * 255 / 65535); PIL's convert would give 255 for 1000
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)).save(tmp_path / "f.tif")  # float in [0, 1]
+    assert np.asarray(load_image(tmp_path / "f.tif"))[..., 1].tolist() == [[0, 128, 255]]
+    Image.fromarray(np.array([[-10, 90]], np.int32)).save(tmp_path / "i.tif")  # beyond 16 bit: min-max
+    assert np.asarray(load_image(tmp_path / "i.tif"))[..., 2].tolist() == [[0, 255]]
 
 
 def test_mask_modes_binarise_above_zero(tmp_path):
@@ -264,7 +277,9 @@ def test_items_match_official_torchvision_pipeline(tmp_path):
             transforms.Normalize(OPENAI_MEAN, OPENAI_STD),
         ]
     )
-    mask_tf = transforms.Compose([transforms.Resize((size, size)), transforms.CenterCrop(size), transforms.ToTensor()])
+    mask_tf = transforms.Compose(
+        [transforms.Resize((size, size)), transforms.CenterCrop(size), transforms.ToTensor()]
+    )
     item = ds[1]
     assert item["image"].dtype == torch.float32 and item["image"].shape == (3, size, size)
     ref = image_tf(Image.open(root / "bottle/bad.png").convert("RGB"))

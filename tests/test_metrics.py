@@ -14,9 +14,9 @@ from sklearn import metrics as skm
 
 from zsad import metrics as M
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Data and slow references (written for the test, one threshold / one region at a time)
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def blob_case(
@@ -41,7 +41,7 @@ def blob_case(
 
 
 def slow_cflow(masks: np.ndarray, maps: np.ndarray, max_step: int = 200, limit: float = 0.3) -> float:
-    """methods.md 1.5 literally: relabel per threshold, per-region overlap, FPR < limit, rescale, sklearn auc."""
+    """methods.md 1.5 literally: relabel per threshold, region overlaps, FPR < limit, rescale, sklearn auc."""
     lo, hi = maps.min(), maps.max()
     normal = masks == 0
     fprs, pros = [], []
@@ -62,7 +62,7 @@ def slow_cflow(masks: np.ndarray, maps: np.ndarray, max_step: int = 200, limit: 
 
 
 def slow_exact(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float:
-    """For every distinct score u (descending): FPR and mean region overlap of ``score >= u``; cut at limit."""
+    """For each distinct score u (descending): FPR and mean region overlap of ``score >= u``; cut at limit."""
     per_image = [
         (img, r.coords) for img, m in enumerate(masks) for r in measure.regionprops(measure.label(m))
     ]
@@ -73,7 +73,8 @@ def slow_exact(masks: np.ndarray, maps: np.ndarray, limit: float = 0.3) -> float
         xs.append(np.logical_and(predicted, normal).sum() / normal.sum())
         ys.append(np.mean([predicted[img][c[:, 0], c[:, 1]].mean() for img, c in per_image]))
     area = 0.0
-    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:]), strict=False):
+    for i in range(1, len(xs)):
+        (x0, y0), (x1, y1) = (xs[i - 1], ys[i - 1]), (xs[i], ys[i])
         if x0 >= limit:
             break
         if x1 > limit:  # the segment crosses the limit: integrate its part below the limit only
@@ -94,9 +95,9 @@ def brute_f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     return best
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AUROC, AP, F1-max
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -127,6 +128,13 @@ def test_pixel_metrics_match_sklearn_on_pooled_pixels():
     assert exact == pytest.approx(slow_exact(masks, maps), abs=1e-6)
 
 
+def test_torch_half_precision_inputs():
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    scores = torch.tensor([0.1, 0.8, 0.3, 0.2, 0.9], dtype=torch.bfloat16, requires_grad=True)
+    expected = skm.roc_auc_score(labels.numpy(), scores.detach().float().numpy())
+    assert M.image_metrics(labels, scores)["auroc"] == pytest.approx(expected, abs=1e-12)
+
+
 def test_single_label_gives_nan_without_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -140,14 +148,20 @@ def test_single_label_gives_nan_without_warnings():
     assert M.format_value(out["auroc"]) == "n/a"
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AUPRO
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
     ("seed", "levels", "dtype"),
-    [(0, None, np.float32), (1, None, np.float64), (2, 8, np.float32), (3, 3, np.float64), (4, None, np.float32)],
+    [
+        (0, None, np.float32),
+        (1, None, np.float64),
+        (2, 8, np.float32),
+        (3, 3, np.float64),
+        (4, None, np.float32),
+    ],
 )
 def test_cflow_aupro_equals_slow_loop(seed, levels, dtype):
     masks, maps = blob_case(seed, levels=levels, dtype=dtype)
@@ -173,9 +187,24 @@ def test_cflow_curve_points_equal_slow_loop():
         assert fpr[j] == pytest.approx(predicted[masks == 0].mean(), abs=1e-12)
 
 
-@pytest.mark.parametrize(("seed", "levels"), [(0, None), (1, 5), (2, 40), (6, None)])
-def test_exact_aupro_equals_slow_reference(seed, levels):
-    masks, maps = blob_case(seed, levels=levels, dtype=np.float64)
+def test_cflow_float32_scores_just_above_float64_thresholds():
+    """Scores in {0, .25, .5, .75, 1} (float32): threshold 100 is 100 * float32(0.005) = 0.4999999888 in
+    float64, so a score of exactly 0.5 is above it, although 0.5 is that threshold's nearest float32."""
+    masks, _ = blob_case(10)
+    rng = np.random.default_rng(10)
+    normal_levels = rng.choice(5, masks.shape, p=[0.5, 0.3, 0.1, 0.07, 0.03])
+    maps = (np.where(masks, rng.integers(0, 5, masks.shape), normal_levels) / 4).astype(np.float32)
+    maps[0, 0, 0], maps[0, 0, 1] = 0.0, 1.0
+    thresholds, fpr, pro = M.cflow_curve(masks, maps)
+    assert 0.5 > thresholds[100] and np.float32(thresholds[100]) == 0.5
+    predicted = maps > thresholds[100]
+    assert fpr[100] == pytest.approx(predicted[masks == 0].mean(), abs=1e-12)
+    assert M.aupro(masks, maps, "cflow") == pytest.approx(slow_cflow(masks, maps), abs=1e-6)
+
+
+@pytest.mark.parametrize(("seed", "levels", "size"), [(0, None, 20), (1, 5, 32), (2, 40, 32), (6, None, 16)])
+def test_exact_aupro_equals_slow_reference(seed, levels, size):
+    masks, maps = blob_case(seed, n=4, size=size, levels=levels, dtype=np.float64)
     assert M.aupro(masks, maps, "exact") == pytest.approx(slow_exact(masks, maps), abs=1e-6)
     assert M.aupro(masks, maps, "exact", fpr_limit=0.05) == pytest.approx(
         slow_exact(masks, maps, limit=0.05), abs=1e-6
@@ -204,9 +233,10 @@ def test_cflow_aupro_undefined_cases_are_nan():
 def test_conventions_differ_on_a_designed_case():
     """cflow rescales the observed FPR span to [0, 1]; exact integrates to 0.3 and divides by 0.3.
 
-    One 10x10 image whose first row is one region. Region: 5 pixels at 1.0, 5 at 0.25. Normal: 9 pixels at 0.5,
-    81 at 0.0. cflow: every threshold has FPR 0.1 (th < 0.5) or 0 (th >= 0.5); rescaled to 1 and 0, with PRO 0.5
-    at both ends of that span -> 0.5. exact: (0,0) (0,.5) (.1,.5) (.1,1) then FPR 1 -> (.05 + .2) / .3 = 5/6.
+    One 10x10 image whose first row is one region. Region: 5 pixels at 1.0, 5 at 0.25. Normal: 9 pixels at
+    0.5, 81 at 0.0. cflow: every threshold has FPR 0.1 (th < 0.5) or 0 (th >= 0.5); rescaled to 1 and 0, with
+    PRO 0.5 at both ends of that span -> 0.5. exact: (0,0) (0,.5) (.1,.5) (.1,1) then FPR 1
+    -> (.05 + .2) / .3 = 5/6.
     """
     masks = np.zeros((1, 10, 10), dtype=np.uint8)
     masks[0, 0] = 1
@@ -219,15 +249,30 @@ def test_conventions_differ_on_a_designed_case():
     assert cflow == pytest.approx(slow_cflow(masks, maps), abs=1e-12)
 
 
+def test_fpr_exactly_at_the_limit():
+    """Region: pixels at 0.8 and 0.3; normal: 3 pixels at 0.6 and 7 at 0, so one FPR is exactly 3/10 = 0.3.
+
+    cflow keeps FPR < 0.3 only, which leaves the single FPR 0 -> undefined (NaN). exact keeps the point at 0.3
+    and stops there: (0,0) (0,.5) (.3,.5) (.3,1) -> .15 / .3 = 0.5.
+    """
+    masks = np.zeros((1, 3, 4), dtype=bool)
+    masks[0, 0, :2] = True
+    maps = np.zeros((1, 3, 4))
+    maps[0, 0, :2] = 0.8, 0.3
+    maps[0, 1, :3] = 0.6
+    assert math.isnan(M.aupro(masks, maps, "cflow"))
+    assert M.aupro(masks, maps, "exact") == pytest.approx(0.5, abs=1e-12)
+
+
 def test_float_masks_binarised_at_half():
     masks, maps = blob_case(9)
     soft = masks * 0.7 + (1 - masks) * 0.3  # bilinear-resized masks look like this
     assert M.pixel_metrics(soft, maps) == M.pixel_metrics(masks.astype(bool), maps)
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Input errors, formatting, summary
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ def _pyproject() -> dict[str, str]:
 def _environment() -> dict[str, str]:
     lines = (ROOT / "environment.yml").read_text().splitlines()
     start = lines.index("  - pip:")
-    reqs = [ln.strip()[2:] for ln in lines[start + 1:] if ln.strip().startswith("- ") and "-e ." not in ln]
+    reqs = [ln.strip()[2:] for ln in lines[start + 1 :] if ln.strip().startswith("- ") and "-e ." not in ln]
     return dict(_normalise(r) for r in reqs)
 
 
@@ -39,6 +39,15 @@ def test_python_floor_matches():
 
 
 def test_top_level_layout():
-    for name in ("README.md", "environment.yml", "pyproject.toml", "Makefile", ".ci/run", "notebooks", "zsad",
-                 "reports", "tests"):
+    for name in (
+        "README.md",
+        "environment.yml",
+        "pyproject.toml",
+        "Makefile",
+        ".ci/run",
+        "notebooks",
+        "zsad",
+        "reports",
+        "tests",
+    ):
         assert (ROOT / name).exists(), name

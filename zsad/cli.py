@@ -14,11 +14,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 
     prep = data_sub.add_parser("prepare", help="write meta.json for a dataset in its original layout")
     prep.add_argument("--format", required=True, choices=sorted(FORMATS))
-    prep.add_argument("--src", required=True, type=Path, help="dataset root (never modified, except meta.json)")
+    prep.add_argument(
+        "--src", required=True, type=Path, help="dataset root (never modified, except meta.json)"
+    )
     prep.add_argument("--out", type=Path, default=None, help="meta.json path (default: SRC/meta.json)")
     prep.add_argument("--skip-bad", action="store_true", help="warn about and skip unreadable files")
 
-    synth = data_sub.add_parser("synth", help="generate SynthAD, the embedded synthetic dataset (MVTec layout)")
+    synth = data_sub.add_parser(
+        "synth", help="generate SynthAD, the embedded synthetic dataset (MVTec layout)"
+    )
     synth.add_argument("--out", required=True, type=Path)
     synth.add_argument("--seed", type=int, default=0)
     synth.add_argument("--categories", default=None, help="comma-separated (default: all)")
@@ -28,10 +32,15 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev = sub.add_parser("eval", help="evaluate a method on a meta.json dataset, per class")
     ev.add_argument("--method", required=True, help="method ID, e.g. clip, winclip, clipad-sdp")
     ev.add_argument("--data", required=True, type=Path, help="dataset root containing meta.json")
-    ev.add_argument("--backbone", default=None, help="open_clip model name or zsad-tiny (default: the paper's)")
+    ev.add_argument("--meta", type=Path, default=None, help="a meta.json outside DATA (read-only datasets)")
+    ev.add_argument(
+        "--backbone", default=None, help="open_clip model name or zsad-tiny (default: the paper's)"
+    )
     ev.add_argument("--weights", default=None, help="open_clip pretrained tag or a local weights file")
     ev.add_argument("--image-size", type=int, default=None)
-    ev.add_argument("--out", type=Path, default=None, help="write metrics.csv, metrics.md, scores.csv, run.json")
+    ev.add_argument(
+        "--out", type=Path, default=None, help="write metrics.csv, metrics.md, scores.csv, run.json"
+    )
     ev.add_argument("--k-shot", type=int, default=0, help="few-shot references per class from train/good")
     ev.add_argument("--seed", type=int, default=0, help="seed for drawing the few-shot references")
     ev.add_argument("--classes", default=None, help="comma-separated subset of classes")
@@ -50,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="execute a notebook with papermill into a report folder (+ HTML)")
     rep.add_argument("notebook", type=Path)
     rep.add_argument("--out", required=True, type=Path, help="report folder, e.g. reports/quickstart")
-    rep.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
-                     help="notebook parameter (JSON literals are parsed: 518, null, true)")
+    rep.add_argument(
+        "-p",
+        "--parameter",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="notebook parameter (JSON literals are parsed: 518, null, true)",
+    )
     return parser
 
 
@@ -76,18 +92,27 @@ def _run_eval(args: argparse.Namespace) -> int:
     from zsad.evaluate import evaluate, fit_few_shot
 
     options = {"autocast": True} if args.autocast else {}
-    detector = methods.create(args.method, backbone=args.backbone, weights=args.weights,
-                              image_size=args.image_size, **options)
+    detector = methods.create(
+        args.method, backbone=args.backbone, weights=args.weights, image_size=args.image_size, **options
+    )
     classes = args.classes.split(",") if args.classes else None
-    test = load_dataset(args.data, split="test", image_size=detector.image_size, classes=classes)
+    test = load_dataset(
+        args.data, split="test", image_size=detector.image_size, classes=classes, meta=args.meta
+    )
     extra: dict = {"data": str(args.data), "method": args.method}
     if args.k_shot:
         if not detector.few_shot:
-            raise SystemExit(f"zsad eval: {args.method} is zero-shot; drop --k-shot or pick a few-shot method")
-        train = load_dataset(args.data, split="train", image_size=detector.image_size, classes=classes)
+            raise SystemExit(
+                f"zsad eval: {args.method} is zero-shot; drop --k-shot or pick a few-shot method"
+            )
+        train = load_dataset(
+            args.data, split="train", image_size=detector.image_size, classes=classes, meta=args.meta
+        )
         extra["k_shot"], extra["seed"] = args.k_shot, args.seed
         extra["references"] = fit_few_shot(detector, train, args.k_shot, seed=args.seed, classes=test.classes)
-    result = evaluate(detector, test, batch_size=args.batch_size, aupro_convention=args.aupro, cache=args.cache)
+    result = evaluate(
+        detector, test, batch_size=args.batch_size, aupro_convention=args.aupro, cache=args.cache
+    )
     print(result.to_markdown())
     if args.out:
         print(f"wrote {result.save(args.out, extra)}")
@@ -96,6 +121,8 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from zsad.backbone import BackboneError
+
     try:
         if args.command == "data":
             return _run_data(args)
@@ -111,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(available()))
         return 0
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, BackboneError) as err:
         # User mistakes (bad paths, unknown names, missing weights) end with one readable line, no traceback.
         print(f"zsad: error: {err}", file=sys.stderr)
         return 2

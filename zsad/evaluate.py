@@ -23,7 +23,15 @@ from zsad import metrics
 from zsad.cache import FeatureCache
 from zsad.methods.base import Detector
 
-COLUMNS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "pixel_f1_max", "pixel_aupro")
+COLUMNS = (
+    "image_auroc",
+    "image_ap",
+    "image_f1_max",
+    "pixel_auroc",
+    "pixel_ap",
+    "pixel_f1_max",
+    "pixel_aupro",
+)
 
 
 @dataclass
@@ -42,18 +50,25 @@ class EvalResult:
         shown = shown.map(metrics.format_value)
         header = "| class | " + " | ".join(shown.columns) + " |"
         rule = "|" + "---|" * (len(shown.columns) + 1)
-        rows = [f"| {name} | " + " | ".join(row) + " |" for name, row in zip(shown.index, shown.values)]
+        pairs = zip(shown.index, shown.values, strict=True)
+        rows = [f"| {name} | " + " | ".join(row) + " |" for name, row in pairs]
         return "\n".join([header, rule, *rows])
 
     def save(self, out_dir: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``metrics.csv`` (one row per class + ``mean``), ``metrics.md``, ``scores.csv`` and ``run.json``."""
+        """Write ``metrics.csv`` (per class, then ``mean``), ``metrics.md``, ``scores.csv``, ``run.json``."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.table.rename_axis("class").reset_index().to_csv(out / "metrics.csv", index=False,
-                                                             float_format="%.6f", na_rep="")
+        self.table.rename_axis("class").reset_index().to_csv(
+            out / "metrics.csv", index=False, float_format="%.6f", na_rep=""
+        )
         (out / "metrics.md").write_text(self.to_markdown() + "\n")
         self.scores.to_csv(out / "scores.csv", index=False, float_format="%.6f")
-        run = {**self.config, "aupro_convention": self.aupro_convention, **(extra or {}), "versions": versions()}
+        run = {
+            **self.config,
+            "aupro_convention": self.aupro_convention,
+            **(extra or {}),
+            "versions": versions(),
+        }
         (out / "run.json").write_text(json.dumps(run, indent=2, default=str) + "\n")
         return out
 
@@ -63,8 +78,12 @@ def versions() -> dict[str, str]:
 
     import zsad
 
-    return {"zsad": zsad.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
-            "python": platform.python_version()}
+    return {
+        "zsad": zsad.__version__,
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def _collate(items: list[dict]) -> dict[str, Any]:
@@ -107,12 +126,12 @@ def evaluate(
 
     ``cache=True`` stores frozen features on disk (:class:`zsad.cache.FeatureCache`) for detectors that split
     ``extract_features``/``predict_features``; a second run reads them instead of running the backbone.
-    ``max_images_per_class`` keeps the first N images of each class (quick looks; the table says so).
+    ``max_images_per_class`` keeps N evenly spaced images per class (quick looks; the run config says so).
     """
     if aupro_convention not in metrics.AUPRO_CONVENTIONS:
         raise ValueError(f"aupro_convention must be one of {metrics.AUPRO_CONVENTIONS}")
     if max_images_per_class is not None:
-        dataset = _first_per_class(dataset, max_images_per_class)
+        dataset = _spread_per_class(dataset, max_images_per_class)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: check the split and class filter")
     feature_cache = FeatureCache() if cache is True else (cache or None)
@@ -131,8 +150,14 @@ def evaluate(
                 acc["scores"].append(float(scores[i]))
                 acc["masks"].append(batch["mask"][i].numpy() > 0.5)
                 acc["maps"].append(maps[i])
-                rows.append({"path": batch["path"][i], "cls_name": cls, "label": batch["label"][i],
-                             "score": float(scores[i])})
+                rows.append(
+                    {
+                        "path": batch["path"][i],
+                        "cls_name": cls,
+                        "label": batch["label"][i],
+                        "score": float(scores[i]),
+                    }
+                )
                 if keep_maps:
                     maps_out[batch["path"][i]] = maps[i]
     scores_df = pd.DataFrame(rows)
@@ -159,27 +184,33 @@ def metrics_table(per_class: dict[str, dict[str, list]], aupro_convention: str =
         else:
             # Image-only datasets (and classes with no annotated defect) have no pixel ground truth.
             pixel = {"auroc": math.nan, "ap": math.nan, "f1_max": math.nan, "aupro": math.nan}
-        records[cls] = {**{f"image_{k}": image[k] for k in ("auroc", "ap", "f1_max")},
-                        **{f"pixel_{k}": pixel[k] for k in ("auroc", "ap", "f1_max", "aupro")}}
+        records[cls] = {
+            **{f"image_{k}": image[k] for k in ("auroc", "ap", "f1_max")},
+            **{f"pixel_{k}": pixel[k] for k in ("auroc", "ap", "f1_max", "aupro")},
+        }
     records["mean"] = metrics.summarize(records)
     return pd.DataFrame.from_dict(records, orient="index")[list(COLUMNS)]
 
 
-def _first_per_class(dataset: Dataset, n: int) -> Subset:
-    kept: dict[str, int] = {}
-    indices = []
+def _spread_per_class(dataset: Dataset, n: int) -> Subset:
+    """At most ``n`` items per class, evenly spaced through the class's items (defect types stay mixed)."""
+    by_class: dict[str, list[int]] = {}
     for i, item in enumerate(dataset.items):
-        if kept.get(item["cls_name"], 0) < n:
-            kept[item["cls_name"]] = kept.get(item["cls_name"], 0) + 1
-            indices.append(i)
+        by_class.setdefault(item["cls_name"], []).append(i)
+    indices = sorted(
+        idx[k]
+        for idx in by_class.values()
+        for k in np.unique(np.linspace(0, len(idx) - 1, min(n, len(idx))).round().astype(int))
+    )
     subset = Subset(dataset, indices)
     subset.items = [dataset.items[i] for i in indices]
     return subset
 
 
-def fit_few_shot(detector: Detector, train_dataset: Dataset, k: int, seed: int = 0,
-                 classes: list[str] | None = None) -> list[str]:
-    """Give ``k`` normal reference images per class (drawn with ``seed`` from the train split) to the detector.
+def fit_few_shot(
+    detector: Detector, train_dataset: Dataset, k: int, seed: int = 0, classes: list[str] | None = None
+) -> list[str]:
+    """Give ``k`` normal reference images per class (drawn with ``seed`` from the train split) to a detector.
 
     Returns the reference image paths, so reports can list exactly which shots were used.
     """
@@ -188,7 +219,9 @@ def fit_few_shot(detector: Detector, train_dataset: Dataset, k: int, seed: int =
     rng = np.random.default_rng(seed)
     used = []
     for cls in classes or sorted({it["cls_name"] for it in train_dataset.items}):
-        normal = [i for i, it in enumerate(train_dataset.items) if it["cls_name"] == cls and int(it["anomaly"]) == 0]
+        normal = [
+            i for i, it in enumerate(train_dataset.items) if it["cls_name"] == cls and int(it["anomaly"]) == 0
+        ]
         if len(normal) < k:
             raise ValueError(f"class {cls!r} has {len(normal)} normal training images; {k}-shot needs {k}")
         picked = sorted(rng.choice(normal, size=k, replace=False).tolist())

@@ -6,15 +6,15 @@ Protocol (methods.md 1.5, pitfalls 8, 21, 22):
 - Pixel metrics pool all pixels of all test images of a class; they are not averaged per image.
 - A class with a single label (all normal or all anomalous, e.g. ColonDB) has undefined AUROC/AP/F1: they are
   NaN here and print as ``"n/a"`` (:func:`format_value`), never 0 as in AdaCLIP's code.
-- AUROC, AP and F1-max follow sklearn's ``roc_auc_score``, ``average_precision_score`` and the official repos'
-  F1-max over ``precision_recall_curve``; they are computed from one sort of the scores instead of three sklearn
-  calls, which matters at 200 maps of 518x518 (about 53M pixels).
+- AUROC, AP and F1-max follow sklearn's ``roc_auc_score``, ``average_precision_score`` and the official
+  repos' F1-max over ``precision_recall_curve``; they come from one sort of the scores instead of three
+  sklearn calls, which matters at 200 maps of 518x518 (about 53M pixels).
 - AUPRO comes in two conventions, and every table must name the one it used:
 
   * ``"cflow"``: ``cal_pro_score`` of cflow-ad as copied into APRIL-GAN, AnomalyCLIP, CLIP-AD and zqhang's
     WinCLIP: 200 thresholds, FPR < 0.3 min-max rescaled to [0, 1] (:func:`aupro_cflow`).
-  * ``"exact"``: the MVTec definition as computed by anomalib >= 2.3: exact ranking of all pixels, curve cut and
-    interpolated at FPR 0.3, area divided by 0.3 (:func:`aupro_exact`).
+  * ``"exact"``: the MVTec definition as computed by anomalib >= 2.3: exact ranking of all pixels, curve cut
+    and interpolated at FPR 0.3, area divided by 0.3 (:func:`aupro_exact`).
 
 Both AUPRO conventions label the ground-truth regions once (8-connectivity, the default of both
 ``skimage.measure.label`` on 2-D masks and ``cv2.connectedComponents``) and never relabel per threshold.
@@ -37,9 +37,9 @@ _REGION_STRUCTURE = np.zeros((3, 3, 3), dtype=bool)
 _REGION_STRUCTURE[1] = True
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Input conversion and validation
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _to_numpy(x: Any) -> np.ndarray:
@@ -119,29 +119,40 @@ def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     return m, a
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AUROC, AP, F1-max
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+
+
+def _tie_groups(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of a 1-D array (ascending) and, for each, how many elements are at or above it."""
+    ordered = np.sort(values)
+    is_first = np.empty(ordered.size, dtype=bool)
+    is_first[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=is_first[1:])
+    first = np.flatnonzero(is_first)
+    return ordered[first], ordered.size - first
+
+
+def _at_or_above(group: np.ndarray, n_groups: int, weights: np.ndarray | None = None) -> np.ndarray:
+    """For each distinct value, the (weighted) number of marked elements at or above it.
+
+    ``group`` holds each marked element's index among the ascending distinct values.
+    """
+    histogram = np.bincount(group, weights=weights, minlength=n_groups)
+    return np.cumsum(histogram[::-1])[::-1]
 
 
 def _cumulative_counts(positive: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """True and false positives at every distinct score, from the highest score down.
 
-    The same points as sklearn's ``_binary_clf_curve``; instead of an arg-sort of all samples (slow at 50M pixels)
-    it sorts the values, whose tie runs give ``#samples >= v``, and counts the positives by binary search.
+    The same points as sklearn's ``_binary_clf_curve``, without its arg-sort of all samples (slow at 50M
+    pixels): one sort of the values gives the tie groups, and only the positives are located among them.
     """
     flat = scores.ravel()
-    ordered = np.sort(flat)
-    is_first = np.empty(ordered.size, dtype=bool)
-    is_first[0] = True
-    np.not_equal(ordered[1:], ordered[:-1], out=is_first[1:])
-    first = np.flatnonzero(is_first)
-    values = ordered[first]
-    del ordered, is_first
-    positive_sorted = np.sort(flat[positive.ravel()])
-    tps = positive_sorted.size - np.searchsorted(positive_sorted, values, side="left")
-    fps = (flat.size - first) - tps
-    return tps[::-1], fps[::-1]
+    values, total = _tie_groups(flat)
+    tps = _at_or_above(np.searchsorted(values, flat[positive.ravel()]), values.size)
+    return tps[::-1], (total - tps)[::-1]
 
 
 def _trapezoid(y: np.ndarray, x: np.ndarray) -> float:
@@ -212,9 +223,9 @@ def pixel_metrics(masks: Any, maps: Any, aupro_convention: str = "cflow") -> dic
     return result
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # AUPRO
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
@@ -222,28 +233,19 @@ def _label_regions(masks: np.ndarray) -> tuple[np.ndarray, int]:
     return ndimage.label(masks, structure=_REGION_STRUCTURE)
 
 
-def _count_thresholds_below(thresholds: np.ndarray, values: np.ndarray, step: float) -> np.ndarray:
-    """For each value, how many thresholds are strictly below it, i.e. at how many thresholds ``value > th``.
+def _thresholds_for(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Thresholds in the maps' dtype that give the same ``score > th`` as numpy's float64 comparison.
 
-    Exactly ``np.searchsorted(thresholds, values)`` for ascending thresholds, but several times faster for evenly
-    spaced thresholds: an arithmetic guess is corrected until ``thresholds[k-1] < v <= thresholds[k]`` holds.
+    ``np.arange`` returns float64 thresholds, and numpy (>= 2) compares float32 maps with them in float64.
+    For a float32 score v and the largest float32 t at or below th, ``v > th`` holds exactly when ``v > t``,
+    so rounding the thresholds down lets the maps be searched without a float64 copy of every pixel.
     """
-    v = values.astype(np.float64)  # numpy compares float32 maps with float64 thresholds in float64
-    n = thresholds.size
-    k = np.clip(np.ceil((v - thresholds[0]) / step), 0, n).astype(np.int64)
-    below = np.concatenate(([-np.inf], thresholds))  # below[k] = thresholds[k-1]
-    at = np.concatenate((thresholds, [np.inf]))  # at[k] = thresholds[k]
-    while True:
-        down = below[k] >= v
-        if not down.any():
-            break
-        k -= down
-    while True:
-        up = at[k] < v
-        if not up.any():
-            break
-        k += up
-    return k
+    if dtype == thresholds.dtype:
+        return thresholds
+    rounded = thresholds.astype(dtype)
+    too_high = rounded.astype(thresholds.dtype) > thresholds
+    rounded[too_high] = np.nextafter(rounded[too_high], dtype.type(-np.inf))
+    return rounded
 
 
 def cflow_curve(
@@ -253,9 +255,10 @@ def cflow_curve(
 
     Thresholds are ``np.arange(min, max, (max - min) / max_step)`` over all maps (so 200 or 201 of them,
     depending on rounding, exactly as the official code); a pixel is predicted anomalous when ``score > th``.
-    PRO is the mean over all regions of all images of the fraction of the region above the threshold; FPR is the
-    fraction of normal pixels above it. Instead of relabelling per threshold, each pixel's score is turned once
-    into the number of thresholds it exceeds, and per-threshold counts are suffix sums of histograms.
+    PRO is the mean over all regions of all images of the fraction of the region above the threshold; FPR is
+    the fraction of normal pixels above it. Instead of relabelling per threshold, the regions are labelled
+    once, the pixels above each threshold are counted in one sort of all scores, and each region pixel is
+    binned once by the number of thresholds it exceeds (per-threshold overlaps are suffix sums of that).
 
     Returns None when there is no normal pixel, no region, or the maps are constant (no thresholds).
     """
@@ -266,39 +269,35 @@ def _cflow_curve(
     masks: np.ndarray, maps: np.ndarray, max_step: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
     regions, n_regions = _label_regions(masks)
-    n_normal = masks.size - int(np.count_nonzero(masks))
+    inside = regions > 0
+    n_normal = masks.size - int(np.count_nonzero(inside))
     lo, hi = maps.min(), maps.max()
     if n_regions == 0 or n_normal == 0 or not hi > lo:
         return None
-    step = (hi - lo) / max_step
-    thresholds = np.arange(lo, hi, step)
-    area = np.bincount(regions.ravel())
-    inv_area = np.zeros(area.size)
-    inv_area[1:] = 1.0 / area[1:]
-    fp_hist = np.zeros(thresholds.size + 1, dtype=np.int64)
-    overlap_hist = np.zeros(thresholds.size + 1)
-    for image_map, image_regions in zip(maps, regions):  # per image keeps the float64 temporaries small
-        k = _count_thresholds_below(thresholds, image_map.ravel(), float(step))
-        ids = image_regions.ravel()
-        inside = ids > 0
-        fp_hist += np.bincount(k[~inside], minlength=thresholds.size + 1)
-        overlap_hist += np.bincount(k[inside], weights=inv_area[ids[inside]], minlength=thresholds.size + 1)
-    # A pixel exceeding k thresholds is positive at thresholds 0..k-1: counts at j are sums over k > j.
-    fp = np.cumsum(fp_hist[::-1])[::-1][1:]
-    overlap = np.cumsum(overlap_hist[::-1])[::-1][1:]
-    return thresholds, fp / n_normal, overlap / n_regions
+    thresholds = np.arange(lo, hi, (hi - lo) / max_step)
+    cmp = _thresholds_for(thresholds, maps.dtype)
+    above = maps.size - np.searchsorted(np.sort(maps, axis=None), cmp, side="right")
+    # A region pixel exceeding k thresholds is above thresholds 0..k-1: per threshold j, sum over k > j.
+    ids = regions[inside]
+    exceeded = np.searchsorted(cmp, maps[inside], side="left")
+    region_above = np.bincount(exceeded, minlength=thresholds.size + 1)
+    overlap = np.bincount(exceeded, weights=1.0 / np.bincount(ids)[ids], minlength=thresholds.size + 1)
+    region_above = np.cumsum(region_above[::-1])[::-1][1:]
+    overlap = np.cumsum(overlap[::-1])[::-1][1:]
+    return thresholds, (above - region_above) / n_normal, overlap / n_regions
 
 
 def aupro_cflow(masks: Any, maps: Any, fpr_limit: float = 0.3, max_step: int = CFLOW_MAX_STEP) -> float:
     """AUPRO as in the official repos' ``cal_pro_score`` (cflow-ad -> APRIL-GAN -> AnomalyCLIP, CLIP-AD).
 
-    methods.md 1.5: the curve of :func:`cflow_curve` at about 200 thresholds; keep the points with FPR < limit,
-    min-max rescale those FPRs to [0, 1] (so the normalisation is the observed FPR span, not the limit) and
-    take the trapezoid area (sklearn ``auc``). Equal to the official loop within float rounding, but without
-    relabelling the masks per threshold.
+    methods.md 1.5: the curve of :func:`cflow_curve` at about 200 thresholds; keep the points with
+    FPR < limit, min-max rescale those FPRs to [0, 1] (so the normalisation is the observed FPR span, not the
+    limit) and take the trapezoid area (sklearn ``auc``). Equal to the official loop within float rounding,
+    but without relabelling the masks per threshold.
 
-    Returns NaN where the official code has no defined value (it raises or returns NaN): no anomalous pixel, no
-    normal pixel, constant maps, or fewer than two kept points with distinct FPR (e.g. a perfect binary map).
+    Returns NaN where the official code has no defined value (it raises or returns NaN): no anomalous pixel,
+    no normal pixel, constant maps, or fewer than two kept points with distinct FPR (e.g. a perfect binary
+    map).
     """
     _check_fpr_limit(fpr_limit)
     return _cflow_area(*_pixel_inputs(masks, maps), fpr_limit, max_step)
@@ -309,7 +308,7 @@ def _cflow_area(masks: np.ndarray, maps: np.ndarray, fpr_limit: float, max_step:
     if curve is None:
         return math.nan
     _, fpr, pro = curve
-    keep = fpr <= fpr_limit
+    keep = fpr < fpr_limit
     x, y = fpr[keep], pro[keep]
     if x.size < 2 or not x.max() > x.min():
         return math.nan
@@ -324,9 +323,9 @@ def _exact_curve(
     """FPR and PRO after each tie group of the descending ranking, from (0, 0), up to just past ``fpr_limit``.
 
     A normal pixel adds 1/(#normal pixels) to the FPR; a pixel of region r adds 1/(|r| * #regions) to the PRO.
-    Only pixels scoring at least the m-th highest normal score, m = floor(limit * #normal) + 2, are ranked: the
-    tie group of that score already has FPR > limit (the +2 absorbs float rounding in limit * #normal), and
-    nothing ranked after it changes the cut curve.
+    Only pixels scoring at least the m-th highest normal score, m = floor(limit * #normal) + 2, are ranked:
+    the tie group of that score already has FPR > limit (the +2 absorbs float rounding in limit * #normal),
+    and nothing ranked after it changes the cut curve.
     """
     regions, n_regions = _label_regions(masks)
     inside = regions > 0
@@ -338,36 +337,28 @@ def _exact_curve(
     cut = np.partition(normal_scores, n_normal - m)[n_normal - m]
     normal_top = normal_scores[normal_scores >= cut]
     del normal_scores
-
     ids = regions[inside]
     region_scores = maps[inside]
+    area = np.bincount(ids)
     take = region_scores >= cut
-    region_scores, ids = region_scores[take], ids[take]
-    weight = 1.0 / (np.bincount(regions.ravel())[ids] * n_regions)
-    order = np.argsort(region_scores)
-    region_sorted = region_scores[order]
-    # weight_above[i]: total weight of the region pixels ranked i and higher in ascending order.
-    weight_above = np.concatenate((np.cumsum(weight[order][::-1])[::-1], [0.0]))
+    region_top, ids = region_scores[take], ids[take]
 
-    ranked = np.sort(np.concatenate((normal_top, region_sorted)))
-    is_first = np.concatenate(([True], ranked[1:] != ranked[:-1]))
-    first = np.flatnonzero(is_first)
-    values = ranked[first]
-    region_idx = np.searchsorted(region_sorted, values, side="left")
-    normal_at_or_above = (ranked.size - first) - (region_sorted.size - region_idx)
-    fpr = np.minimum(normal_at_or_above / n_normal, 1.0)[::-1]
-    pro = np.minimum(weight_above[region_idx], 1.0)[::-1]
+    values, total = _tie_groups(np.concatenate((normal_top, region_top)))
+    group = np.searchsorted(values, region_top)
+    normal_count = total - _at_or_above(group, values.size)
+    fpr = np.minimum(normal_count / n_normal, 1.0)[::-1]
+    pro = np.minimum(_at_or_above(group, values.size, 1.0 / (area[ids] * n_regions)), 1.0)[::-1]
     return np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro))
 
 
 def aupro_exact(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
     """AUPRO by the exact MVTec definition, as anomalib >= 2.3 computes it (methods.md 1.5, "exact").
 
-    Regions are 8-connected components of every mask, numbered across the class. All pixels are ranked once by
-    score (descending); cumulative sums give the (FPR, PRO) curve with one point per distinct score, starting at
-    (0, 0) and clamped to 1. The curve is cut at ``fpr_limit``, linearly interpolating PRO there, and the
-    trapezoid area is divided by the limit. Computed in float64 (anomalib accumulates in float32, which moves
-    its value by about 1e-5 on 53M pixels); ties are equal scores in the input dtype.
+    Regions are 8-connected components of every mask, numbered across the class. All pixels are ranked once
+    by score (descending); cumulative sums give the (FPR, PRO) curve with one point per distinct score,
+    starting at (0, 0) and clamped to 1. The curve is cut at ``fpr_limit``, linearly interpolating PRO there,
+    and the trapezoid area is divided by the limit. Sums are float64 (anomalib 2.7 accumulates in float32; on
+    small random cases the two agreed within 1e-7); ties are equal scores in the input dtype.
 
     Unlike anomalib, which returns 0, this returns NaN when there is no anomalous or no normal pixel.
     """
@@ -416,13 +407,13 @@ def aupro(masks: Any, maps: Any, convention: str = "cflow", fpr_limit: float = 0
     raise ValueError(f"convention must be one of {AUPRO_CONVENTIONS}, got {convention!r}.")
 
 
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Tables
-# --------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def format_value(x: float | None, digits: int = 1) -> str:
-    """A metric in [0, 1] as a percentage with ``digits`` decimals ("91.3", as the papers print); NaN -> "n/a"."""
+    """A metric in [0, 1] as a percentage with ``digits`` decimals ("91.3", as papers print); NaN -> "n/a"."""
     if x is None or math.isnan(x):
         return "n/a"
     return f"{100.0 * x:.{digits}f}"

@@ -16,8 +16,15 @@ import torch
 if TYPE_CHECKING:
     from zsad.backbone import CLIPBackbone
 
-_BASE_NORMAL = ("{}", "flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-                "{} without damage")
+_BASE_NORMAL = (
+    "{}",
+    "flawless {}",
+    "perfect {}",
+    "unblemished {}",
+    "{} without flaw",
+    "{} without defect",
+    "{} without damage",
+)
 _WINCLIP_ABNORMAL = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
 # APRIL-GAN, AnomalyCLIP and AdaCLIP add "broken" to WinCLIP's four abnormal states (methods.md 1.2).
 _APRILGAN_ABNORMAL = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
@@ -30,10 +37,16 @@ def _both_articles(*phrases: str, period: bool) -> tuple[str, ...]:
 
 
 _WINCLIP_PHRASES = (
-    "a cropped photo of {article} {{}}", "a close-up photo of {article} {{}}", "a bright photo of {article} {{}}",
-    "a dark photo of {article} {{}}", "a jpeg corrupted photo of {article} {{}}",
-    "a blurry photo of {article} {{}}", "a photo of {article} {{}}", "a photo of {article} small {{}}",
-    "a photo of {article} large {{}}", "a photo of {article} {{}} for visual inspection",
+    "a cropped photo of {article} {{}}",
+    "a close-up photo of {article} {{}}",
+    "a bright photo of {article} {{}}",
+    "a dark photo of {article} {{}}",
+    "a jpeg corrupted photo of {article} {{}}",
+    "a blurry photo of {article} {{}}",
+    "a photo of {article} {{}}",
+    "a photo of {article} small {{}}",
+    "a photo of {article} large {{}}",
+    "a photo of {article} {{}} for visual inspection",
     "a photo of {article} {{}} for anomaly detection",
 )
 
@@ -48,21 +61,47 @@ ANOMALIB_TEMPLATES = tuple(t + "." for t in WINCLIP_TEMPLATES if t != "a cropped
 
 # The 35 ImageNet-style templates of APRIL-GAN's ensemble (also AnomalyCLIP's unused ensemble).
 APRILGAN_TEMPLATES = (
-    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.",
-    "a cropped photo of the {}.", "a bright photo of a {}.", "a dark photo of the {}.", "a photo of my {}.",
-    "a photo of the cool {}.", "a close-up photo of a {}.", "a black and white photo of the {}.",
-    "a bright photo of the {}.", "a cropped photo of a {}.", "a jpeg corrupted photo of a {}.",
-    "a blurry photo of the {}.", "a photo of the {}.", "a good photo of the {}.", "a photo of one {}.",
-    "a close-up photo of the {}.", "a photo of a {}.", "a low resolution photo of a {}.",
-    "a photo of a large {}.", "a blurry photo of a {}.", "a jpeg corrupted photo of the {}.",
-    "a good photo of a {}.", "a photo of the small {}.", "a photo of the large {}.",
-    "a black and white photo of a {}.", "a dark photo of a {}.", "a photo of a cool {}.",
-    "a photo of a small {}.", "there is a {} in the scene.", "there is the {} in the scene.",
-    "this is a {} in the scene.", "this is the {} in the scene.", "this is one {} in the scene.",
+    "a bad photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a bad photo of the {}.",
+    "a cropped photo of the {}.",
+    "a bright photo of a {}.",
+    "a dark photo of the {}.",
+    "a photo of my {}.",
+    "a photo of the cool {}.",
+    "a close-up photo of a {}.",
+    "a black and white photo of the {}.",
+    "a bright photo of the {}.",
+    "a cropped photo of a {}.",
+    "a jpeg corrupted photo of a {}.",
+    "a blurry photo of the {}.",
+    "a photo of the {}.",
+    "a good photo of the {}.",
+    "a photo of one {}.",
+    "a close-up photo of the {}.",
+    "a photo of a {}.",
+    "a low resolution photo of a {}.",
+    "a photo of a large {}.",
+    "a blurry photo of a {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a good photo of a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+    "a black and white photo of a {}.",
+    "a dark photo of a {}.",
+    "a photo of a cool {}.",
+    "a photo of a small {}.",
+    "there is a {} in the scene.",
+    "there is the {} in the scene.",
+    "this is a {} in the scene.",
+    "this is the {} in the scene.",
+    "this is one {} in the scene.",
 )
 # AdaCLIP keeps only four of them (methods.md 1.2).
 ADACLIP_TEMPLATES = (
-    "a bad photo of a {}.", "a low resolution photo of the {}.", "a bad photo of the {}.",
+    "a bad photo of a {}.",
+    "a low resolution photo of the {}.",
+    "a bad photo of the {}.",
     "a cropped photo of the {}.",
 )
 
@@ -90,10 +129,29 @@ BANKS: dict[str, PromptBank] = {
     "adaclip": PromptBank("adaclip", _BASE_NORMAL, _APRILGAN_ABNORMAL, ADACLIP_TEMPLATES),
     "clipad": PromptBank(
         "clipad",
-        ("flawless {}", "perfect {}", "unblemished {}", "{} without flaw", "{} without defect",
-         "{} without damage", "{} without scratch", "{} without crack", "{} without contamination"),
-        ("damaged {}", "imperfect {}", "blemished {}", "broken {}", "{} with flaw", "{} with defect",
-         "{} with damage", "{} with scratch", "{} with crack", "{} with contamination"),
+        (
+            "flawless {}",
+            "perfect {}",
+            "unblemished {}",
+            "{} without flaw",
+            "{} without defect",
+            "{} without damage",
+            "{} without scratch",
+            "{} without crack",
+            "{} without contamination",
+        ),
+        (
+            "damaged {}",
+            "imperfect {}",
+            "blemished {}",
+            "broken {}",
+            "{} with flaw",
+            "{} with defect",
+            "{} with damage",
+            "{} with scratch",
+            "{} with crack",
+            "{} with contamination",
+        ),
         CLIPAD_TEMPLATES,
     ),
 }
@@ -166,7 +224,9 @@ REDUCERS = {
 DBSCAN_SETTINGS = {"mvtec": {"eps": 0.5, "min_samples": 15}, "visa": {"eps": 1.5, "min_samples": 25}}
 
 
-def reduce_sentences(embeddings: torch.Tensor, reducer: str = "mean", **reducer_options: float) -> torch.Tensor:
+def reduce_sentences(
+    embeddings: torch.Tensor, reducer: str = "mean", **reducer_options: float
+) -> torch.Tensor:
     """Reduce L2-normalised sentence embeddings (N, D) to one unit vector (D,)."""
     if reducer not in REDUCERS:
         raise ValueError(f"unknown reducer {reducer!r}; available: {', '.join(REDUCERS)}")
@@ -179,10 +239,13 @@ def reduce_sentences(embeddings: torch.Tensor, reducer: str = "mean", **reducer_
 
 
 @torch.no_grad()
-def encode_sentences(backbone: CLIPBackbone, sentences: list[str], normalize: bool = True,
-                     batch_size: int = 256) -> torch.Tensor:
+def encode_sentences(
+    backbone: CLIPBackbone, sentences: list[str], normalize: bool = True, batch_size: int = 256
+) -> torch.Tensor:
     """Encode sentences with the backbone's text tower; (N, D), L2-normalised per sentence by default."""
-    chunks = [backbone.encode_text(sentences[i:i + batch_size]) for i in range(0, len(sentences), batch_size)]
+    chunks = [
+        backbone.encode_text(sentences[i : i + batch_size]) for i in range(0, len(sentences), batch_size)
+    ]
     features = torch.cat(chunks).float()
     return features / features.norm(dim=-1, keepdim=True) if normalize else features
 

@@ -19,9 +19,10 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def render_notebook(notebook: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None,
-                    progress: bool = True) -> Path:
-    """Execute ``notebook`` with papermill into ``out_dir`` and export HTML beside it; returns the HTML path."""
+def render_notebook(
+    notebook: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None, progress: bool = True
+) -> Path:
+    """Execute ``notebook`` with papermill into ``out_dir``, export HTML beside it, return the HTML path."""
     import nbformat
     import papermill as pm
     from nbconvert import HTMLExporter
@@ -32,8 +33,9 @@ def render_notebook(notebook: str | Path, out_dir: str | Path, parameters: dict[
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name
     params = {**(parameters or {}), "out_dir": str(out.resolve())}
-    pm.execute_notebook(str(notebook), str(executed), parameters=params, progress_bar=progress,
-                        cwd=str(Path.cwd()))
+    pm.execute_notebook(
+        str(notebook), str(executed), parameters=params, progress_bar=progress, cwd=str(Path.cwd())
+    )
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     html = executed.with_suffix(".html")
     html.write_text(body, encoding="utf-8")

@@ -64,8 +64,9 @@ def roc_curves(scores: pd.DataFrame, by: str = "cls_name", ax: plt.Axes | None =
     return ax.figure
 
 
-def per_class_bars(tables: dict[str, pd.DataFrame] | pd.DataFrame, metric: str = "image_auroc",
-                   ax: plt.Axes | None = None) -> Figure:
+def per_class_bars(
+    tables: dict[str, pd.DataFrame] | pd.DataFrame, metric: str = "image_auroc", ax: plt.Axes | None = None
+) -> Figure:
     """Seaborn bars of one metric per class; several tables (e.g. one per method) become hue groups."""
     import seaborn as sns
 

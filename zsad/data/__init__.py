@@ -1,7 +1,7 @@
 """Dataset ingestion: meta.json index, dataset preparation from original layouts, robust decoding, and the
 torch Dataset (methods.md 1.1, 1.3).
 
-Names that need torch (``load_dataset``, ``AnomalyDataset``, ``denormalize``) are imported on first use, so
+Names that need torch (``load_dataset``, ``AnomalyDataset``) are imported on first use, so
 ``zsad data prepare`` and meta.json tools start without loading torch. The synthetic dataset generator lives
 in :mod:`zsad.data.synth` and is imported explicitly by whoever needs it.
 """
@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from zsad.data.images import OPENAI_MEAN, OPENAI_STD, DataError, load_image, load_mask, load_pair
+from zsad.data.images import OPENAI_MEAN, OPENAI_STD, DataError, denormalize, load_image, load_mask, load_pair
 from zsad.data.meta import make_record, read_meta, validate_meta, write_meta
 from zsad.data.prepare import FORMATS, prepare_dataset
 
 if TYPE_CHECKING:
-    from zsad.data.dataset import AnomalyDataset, denormalize, load_dataset
+    from zsad.data.dataset import AnomalyDataset, load_dataset
 
-_LAZY = {"AnomalyDataset", "denormalize", "load_dataset"}
+_LAZY = {"AnomalyDataset", "load_dataset"}
 
 __all__ = [
     "FORMATS",

@@ -57,19 +57,6 @@ def preprocess_mask(mask: np.ndarray, size: int, interpolation: str = "bilinear"
     return torch.from_numpy((resized > 127).astype(np.float32))
 
 
-def denormalize(image: torch.Tensor | np.ndarray) -> np.ndarray:
-    """Undo the CLIP normalisation of a (3, H, W) image -> uint8 (H, W, 3) for figures."""
-    arr = (
-        image.detach().cpu().float().numpy() if isinstance(image, torch.Tensor) else np.asarray(image, float)
-    )
-    if arr.ndim != 3 or arr.shape[0] != 3:
-        raise ValueError(f"denormalize expects one (3, H, W) image, got shape {arr.shape}")
-    mean = np.asarray(OPENAI_MEAN).reshape(3, 1, 1)
-    std = np.asarray(OPENAI_STD).reshape(3, 1, 1)
-    rgb = np.clip(arr * std + mean, 0.0, 1.0)
-    return np.rint(rgb * 255.0).astype(np.uint8).transpose(1, 2, 0)
-
-
 class AnomalyDataset(Dataset):
     """Items of one split of a meta.json dataset, preprocessed for a CLIP backbone.
 

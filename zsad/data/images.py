@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -56,6 +57,18 @@ _HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 class DataError(ValueError):
     """A dataset file or layout problem; the message names the file and what is wrong with it."""
+
+
+def denormalize(image: Any) -> np.ndarray:
+    """Undo the CLIP normalisation of one (3, H, W) image (tensor or array) -> uint8 (H, W, 3) for figures."""
+    # Duck-typed so that this module needs no torch import.
+    arr = image.detach().cpu().float().numpy() if hasattr(image, "detach") else np.asarray(image, dtype=float)
+    if arr.ndim != 3 or arr.shape[0] != 3:
+        raise ValueError(f"denormalize expects one (3, H, W) image, got shape {tuple(arr.shape)}")
+    mean = np.asarray(OPENAI_MEAN).reshape(3, 1, 1)
+    std = np.asarray(OPENAI_STD).reshape(3, 1, 1)
+    rgb = np.clip(arr * std + mean, 0.0, 1.0)
+    return np.rint(rgb * 255.0).astype(np.uint8).transpose(1, 2, 0)
 
 
 def is_image_file(path: str | os.PathLike) -> bool:
@@ -121,23 +134,23 @@ def to_rgb(im: Image.Image) -> Image.Image:
         return im.convert("RGBA").convert("RGB")
 
 
+def _upright_rgb(raw: Image.Image, path: str | os.PathLike) -> Image.Image:
+    try:
+        return to_rgb(ImageOps.exif_transpose(raw))
+    except Exception as exc:
+        raise DataError(f"cannot convert image {path} (mode {raw.mode}) to RGB: {exc}") from exc
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file into an upright 8-bit RGB PIL image (module docstring lists the rules)."""
-    im = _open_decoded(path, "image")
-    try:
-        upright = ImageOps.exif_transpose(im)
-        return to_rgb(upright)
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"cannot convert image {path} (mode {im.mode}) to RGB: {exc}") from exc
+    return _upright_rgb(_open_decoded(path, "image"), path)
 
 
 def _binarise(im: Image.Image) -> np.ndarray:
     if im.mode in _HIGH_DEPTH_MODES or im.mode == "F":
         return np.asarray(im) > 0
     if im.mode not in ("L", "1"):
-        im = im.convert("L") if im.mode != "La" else im.convert("RGBA").convert("L")
+        im = im.convert("L")
     return np.asarray(im) > 0
 
 
@@ -202,10 +215,7 @@ def load_pair(
     """
     raw = _open_decoded(image_path, "image")
     orientation = _orientation(raw)
-    try:
-        image = to_rgb(ImageOps.exif_transpose(raw))
-    except Exception as exc:
-        raise DataError(f"cannot convert image {image_path} (mode {raw.mode}) to RGB: {exc}") from exc
+    image = _upright_rgb(raw, image_path)
     shape = (image.height, image.width)
     if mask_path is None:
         return image, np.zeros(shape, dtype=bool)

@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 from zsad.data.images import DataError, is_image_file, load_mask, load_pair
-from zsad.data.meta import SPLITS, make_record, meta_file, record_mask_path, resolve_path, write_meta
+from zsad.data.meta import META_NAME, SPLITS, make_record, record_mask_path, resolve_path, write_meta
 
 FORMATS: dict[str, str] = {
     "mvtec": "MVTec AD / 3D-AD (RGB) / LOCO: <cls>/{train,test}/<specie>/ + <cls>/ground_truth/<specie>/",
@@ -124,8 +124,9 @@ def _stem_index(paths: Iterable[Path]) -> dict[str, Path]:
     return index
 
 
-def _match_mask(stem: str, masks: dict[str, Path], suffixes: tuple[str, ...] = ("_mask", "")) -> Path | None:
-    for suffix in suffixes:
+def _match_mask(stem: str, masks: dict[str, Path]) -> Path | None:
+    """The mask named ``<stem>_mask`` (MVTec, MPDD) or ``<stem>`` (BTAD, 3D-AD, TN3K, LOCO folders)."""
+    for suffix in ("_mask", ""):
         if stem + suffix in masks:
             return masks[stem + suffix]
     return None
@@ -156,6 +157,14 @@ def _mvtec_variant(cdir: Path) -> str:
     return "2d"
 
 
+def _mvtec_masks(variant: str, cdir: Path, sdir: Path) -> dict[str, Path]:
+    """stem -> mask of one specie folder: files (MVTec AD, MPDD, BTAD, 3D-AD) or folders (LOCO)."""
+    if variant == "loco":
+        gt = cdir / "ground_truth" / sdir.name
+        return {d.name: d for d in _subdirs(gt)} if gt.is_dir() else {}
+    return _stem_index(_images(sdir / "gt" if variant == "3d" else cdir / "ground_truth" / sdir.name))
+
+
 def _add_mvtec_class(b: _Builder, cdir: Path, cls: str) -> None:
     variant = _mvtec_variant(cdir)
     for folder, split in _MVTEC_SPLITS.items():
@@ -163,17 +172,9 @@ def _add_mvtec_class(b: _Builder, cdir: Path, cls: str) -> None:
             continue
         for sdir in _subdirs(cdir / folder):
             anomalous = sdir.name.lower() not in NORMAL_SPECIES
-            if variant == "3d":
-                images, masks = _images(sdir / "rgb"), _stem_index(_images(sdir / "gt"))
-            else:
-                images, masks = _images(sdir), _stem_index(_images(cdir / "ground_truth" / sdir.name))
-            for img in images:
-                mask = None
-                if anomalous and variant == "loco":
-                    mask = cdir / "ground_truth" / sdir.name / img.stem
-                    mask = mask if mask.is_dir() else None
-                elif anomalous:
-                    mask = _match_mask(img.stem, masks)
+            masks = _mvtec_masks(variant, cdir, sdir) if anomalous else {}
+            for img in _images(sdir / "rgb" if variant == "3d" else sdir):
+                mask = _match_mask(img.stem, masks)
                 if anomalous and mask is None:
                     b.problem(
                         img, f"no mask found for this {variant} image (class {cls}, specie {sdir.name})"
@@ -473,6 +474,11 @@ def _drop_problems(b: _Builder, fmt: str, skip_bad: bool) -> None:
     )
 
 
+def _out_file(out: Path) -> Path:
+    """A path ending in ``.json`` is the file to write; anything else is a folder to hold ``meta.json``."""
+    return out if out.suffix.lower() == ".json" and not out.is_dir() else out / META_NAME
+
+
 def prepare_dataset(
     fmt: str,
     src: str | os.PathLike,
@@ -487,7 +493,8 @@ def prepare_dataset(
     Args:
         fmt: one of :data:`FORMATS`.
         src: the dataset folder; meta paths are relative to it.
-        out: the meta.json to write (a file, or a folder to hold ``meta.json``); default ``src/meta.json``.
+        out: the file to write if it ends in ``.json``, otherwise a folder (created if needed) to hold
+            ``meta.json``; default ``src/meta.json``.
             Load a meta written elsewhere with ``load_dataset(src, meta=out)``.
         skip_bad: decode every image/mask pair and leave out bad items with a warning, instead of raising.
         class_name: override the class name of single-class formats (ksdd, magnetic_tile, tn3k,
@@ -513,5 +520,5 @@ def prepare_dataset(
     _drop_problems(builder, fmt, skip_bad)
     if not any(builder.meta[s] for s in SPLITS):
         raise DataError(f"{fmt} dataset {source}: every item was bad; nothing to index")
-    target = meta_file(out) if out is not None else source / "meta.json"
+    target = source / META_NAME if out is None else _out_file(Path(out))
     return write_meta(builder.meta, target)

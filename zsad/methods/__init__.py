@@ -10,6 +10,7 @@ from zsad.methods.base import Detector
 # method ID -> "module:Class"; modules import lazily so that listing methods stays cheap.
 _REGISTRY: dict[str, str] = {
     "clip": "zsad.methods.clip_baseline:CLIPBaseline",
+    "clipad-sdp": "zsad.methods.clipad_sdp:ClipADSDP",
 }
 
 

@@ -21,8 +21,9 @@ from zsad.prompts import text_features
 def grid_to_map(token_scores: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
     """(B, N) patch scores on a row-major token grid -> (B, size, size), bilinear, align_corners=False."""
     b = token_scores.shape[0]
-    return F.interpolate(token_scores.reshape(b, 1, *grid), size=(size, size), mode="bilinear",
-                         align_corners=False)[:, 0]
+    return F.interpolate(
+        token_scores.reshape(b, 1, *grid), size=(size, size), mode="bilinear", align_corners=False
+    )[:, 0]
 
 
 class CLIPBaseline(Detector):
@@ -34,9 +35,17 @@ class CLIPBaseline(Detector):
     default_weights = "openai"
     default_image_size = 518
 
-    def __init__(self, backbone: CLIPBackbone, prompt_bank: str = "winclip", logit_scale: float = 100.0,
-                 autocast: bool = False, **options: Any) -> None:
-        super().__init__(backbone, prompt_bank=prompt_bank, logit_scale=logit_scale, autocast=autocast, **options)
+    def __init__(
+        self,
+        backbone: CLIPBackbone,
+        prompt_bank: str = "winclip",
+        logit_scale: float = 100.0,
+        autocast: bool = False,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            backbone, prompt_bank=prompt_bank, logit_scale=logit_scale, autocast=autocast, **options
+        )
         self.prompt_bank = prompt_bank
         self.logit_scale = logit_scale
         self.autocast = autocast
@@ -48,8 +57,13 @@ class CLIPBaseline(Detector):
         return self._text[class_name]
 
     def feature_key(self) -> dict[str, Any]:
-        return {"backbone": self.backbone.name, "weights": self.backbone.weights_id,
-                "size": self.image_size, "layers": [self.backbone.num_layers], "kind": "pooled+last-proj"}
+        return {
+            "backbone": self.backbone.name,
+            "weights": self.backbone.weights_id,
+            "size": self.image_size,
+            "layers": [self.backbone.num_layers],
+            "kind": "pooled+last-proj",
+        }
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -2,9 +2,9 @@
 
 How one image is scored (methods.md 4.1-4.4):
 
-1. **Staged dual path.** Every vision block also runs a v-v attention (q = k = v = the value projection) on the
-   original path's LN input. The second path starts from the first block's v-v output alone (no residual of
-   the input), adds the v-v output of each later block of its stage, skips the FFN, and is *reset* to the
+1. **Staged dual path.** Every vision block also runs a v-v attention (q = k = v = the value projection) on
+   the original path's LN input. The second path starts from the first block's v-v output alone (no residual
+   of the input), adds the v-v output of each later block of its stage, skips the FFN, and is *reset* to the
    current block's v-v output at every stage boundary. The "surgery" tokens at the stage ends (layers 3, 6, 9,
    12 for the 12-block ViT-B-16-plus-240) are therefore sums of the v-v outputs of one stage. Their CLS is the
    original path's CLS; every token then goes through ``ln_post`` and ``proj``. The backbone computes all of
@@ -31,21 +31,23 @@ Which CLS weights the surgery: each layer's own CLS (original path, after ``ln_p
 L2-normalised), as in the official ``image_feature[:, :1, :]`` per layer.
 
 Aliasing quirk (methods.md 4.6, pitfall 1): the official dual-path block updates the original path in place,
-so the original tokens stored at layers 3, 6 and 9 also contain the next block's attention output. For SDP this
-reaches only the CLS copied into the surgery tokens at those layers, i.e. the surgery class weights w (the
-layer-12 CLS of the global score is unaffected, and the v-v tokens escape because the next block is a stage
-boundary). It matters far more for SDP+ (trained on the "ori" tokens). The default here clones (clean);
+so the original tokens stored at layers 3, 6 and 9 also contain the next block's attention output. For SDP
+this reaches only the CLS copied into the surgery tokens at those layers, i.e. the surgery class weights w
+(the layer-12 CLS of the global score is unaffected, and the v-v tokens escape because the next block is a
+stage boundary). It matters far more for SDP+ (trained on the "ori" tokens). The default here clones (clean);
 ``legacy_aliasing=True`` asks the backbone to reproduce the official behaviour.
 
 Depths other than 12: the path is reset every L / num_stages blocks and the maps are read at the stage ends.
 The default ``num_stages`` is the largest of 4, 3, 2, 1 that divides the number of vision blocks L (4 for
-L = 12 or 24; 3 for the 6-block zsad-tiny, giving layers 2, 4, 6). The official code computes
-``count % (L / 4)`` with a float, which for L = 6 would reset only once (at block 4); we do not copy that.
+L = 12 or 24; 3 for the 6-block zsad-tiny, giving layers 2, 4, 6). The official test ``count % (L / 4)``
+uses a float: for L = 6 it would reset at blocks 1 and 4 only (two stages of three blocks); a ``num_stages``
+that does not divide L is refused here instead.
 """
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -53,6 +55,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
+from threadpoolctl import threadpool_limits
 
 from zsad.backbone import AttnPath, CLIPBackbone
 from zsad.methods.base import Detector
@@ -68,7 +71,7 @@ GLOBAL_LOGIT_SCALE = 100.0
 
 
 def default_num_stages(num_layers: int) -> int:
-    """Largest of 4, 3, 2, 1 that divides the depth: 4 stages for the paper's 12 blocks, 3 for zsad-tiny's 6."""
+    """Largest of 4, 3, 2, 1 dividing the depth: 4 stages for the paper's 12 blocks, 3 for zsad-tiny's 6."""
     return next(s for s in (4, 3, 2, 1) if num_layers % s == 0)
 
 
@@ -130,13 +133,51 @@ def transductive_scores(
     names = np.asarray(class_names)
     if not (len(g) == len(m) == len(names)):
         raise ValueError(
-            f"transductive_scores: got {len(g)} global scores, {len(m)} max scores and {len(names)} class names"
+            f"transductive_scores: got {len(g)} global scores, {len(m)} max scores and "
+            f"{len(names)} class names"
         )
     out = np.empty_like(g)
     for name in np.unique(names):
         idx = names == name
         out[idx] = _minmax(g[idx]) + _minmax(m[idx])
     return out
+
+
+# Unit sentence embeddings per backbone object, shared by every detector on it (a notebook comparing RVS
+# reducers or ablations encodes the 418 sentences of a class once). Weak keys: it dies with the backbone.
+_SENTENCES: weakref.WeakKeyDictionary[CLIPBackbone, dict[tuple[str, ...], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def sentence_embeddings(backbone: CLIPBackbone, sentences: list[str]) -> torch.Tensor:
+    """(N, D) L2-normalised text embeddings of ``sentences``, cached per backbone."""
+    per_backbone = _SENTENCES.setdefault(backbone, {})
+    key = tuple(sentences)
+    if key not in per_backbone:
+        per_backbone[key] = encode_sentences(backbone, list(sentences))
+    return per_backbone[key]
+
+
+def representative_vector(
+    embeddings: torch.Tensor, rvs: str = "dbscan", text_precision: str = "fp32", **reducer_options: float
+) -> torch.Tensor:
+    """RVS (methods.md 4.2): one unit vector (D,) from unit sentence embeddings (N, D).
+
+    ``text_precision="fp16-official"``: the official code turns the numpy result of every reducer but the mean
+    into an fp16 tensor and normalises it in fp16 (parity trap 13.2); its mean stays in the text encoder's
+    dtype (fp32 on CPU), so "mean" is the same under both precisions.
+    """
+    _check_choice("text_precision", text_precision, TEXT_PRECISIONS)
+    # One thread: sklearn's OpenMP neighbour searches busy-wait on a loaded CPU. Measured here on 220
+    # sentences (2 cores shared): MeanShift 230 s with two threads, 0.2 s with one.
+    with threadpool_limits(limits=1):
+        if text_precision == "fp32" or rvs == "mean":
+            return reduce_sentences(embeddings, rvs, **reducer_options)
+        _check_choice("rvs", rvs, tuple(REDUCERS))
+        x = embeddings.detach().double().cpu().numpy()
+        vector = torch.from_numpy(np.asarray(REDUCERS[rvs](x, **reducer_options))).half()
+    return (vector / vector.norm()).float()
 
 
 class ClipADSDP(Detector):
@@ -151,7 +192,7 @@ class ClipADSDP(Detector):
             VisA) or "visa" (eps 1.5, 25); ``dbscan_eps`` / ``dbscan_min_samples`` override it.
         surgery: False replaces feature surgery with plain cosine similarity (ablation).
         sigma: Gaussian smoothing of the maps in pixels; 0 disables it. Default 8.
-        image_score: "global" (default), "max" or "minmax-sum" (transductive; see :func:`transductive_scores`).
+        image_score: "global" (default), "max" or "minmax-sum" (transductive, :func:`transductive_scores`).
         text_precision: "fp32", or "fp16-official" where the non-mean representative vectors are rounded to
             fp16 and normalised in fp16 as the official code does (parity trap 13.2).
         bank: prompt bank, default "clipad"; replace_underscores: "metal_nut" -> "metal nut" (default off,
@@ -237,25 +278,20 @@ class ClipADSDP(Detector):
     # ------------------------------------------------------------------------------------------ text
     @torch.no_grad()
     def text_features(self, class_name: str) -> torch.Tensor:
-        """(D, 2) unit columns [t_normal, t_abnormal] for one class, RVS-reduced and cached (methods.md 4.2)."""
+        """(D, 2) unit columns [t_normal, t_abnormal] of one class, RVS-reduced, cached (methods.md 4.2)."""
         if class_name not in self._text_cache:
             phrase = class_phrase(class_name, self.options["replace_underscores"])
             columns = [
-                self._representative(encode_sentences(self.backbone, sentences))
+                representative_vector(
+                    sentence_embeddings(self.backbone, sentences),
+                    self.options["rvs"],
+                    self.options["text_precision"],
+                    **self._reducer_options,
+                )
                 for sentences in get_bank(self.options["bank"]).sentences(phrase)
             ]
             self._text_cache[class_name] = torch.stack(columns, dim=1)
         return self._text_cache[class_name]
-
-    def _representative(self, embeddings: torch.Tensor) -> torch.Tensor:
-        rvs = self.options["rvs"]
-        if self.options["text_precision"] == "fp32" or rvs == "mean":
-            return reduce_sentences(embeddings, rvs, **self._reducer_options)
-        # Official: the numpy result is turned into an fp16 tensor and normalised in fp16 (parity trap 13.2);
-        # its mean reducer stays in the text encoder's dtype.
-        x = embeddings.detach().double().cpu().numpy()
-        vector = torch.from_numpy(np.asarray(REDUCERS[rvs](x, **self._reducer_options))).half()
-        return (vector / vector.norm()).float()
 
     # ------------------------------------------------------------------------------------------ image
     def feature_key(self) -> dict[str, Any]:
@@ -273,34 +309,33 @@ class ClipADSDP(Detector):
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Per layer l: ``cls_l`` (B, D), the original-path CLS, and ``patches_l`` (B, N, D), the staged v-v
-        patch tokens; both after ``ln_post`` + ``proj``, not normalised.
-
-        The CLS comes from the original path directly: copying the raw CLS into the surgery tokens before
-        ``ln_post`` (official) gives the same vector, since ``ln_post`` and ``proj`` act on each token alone.
-        """
+        """Per layer l: ``cls_l`` (B, D) and ``patches_l`` (B, N, D) of the surgery tokens after ``ln_post`` +
+        ``proj``, not normalised. The backbone has already written the original path's CLS into the staged
+        path's CLS position (``AttnPath.replace_cls`` defaults to True for "staged"), as the official code."""
         feats = self.backbone.encode_image(
             images, layers=self.layers, attn_path=self.attn_path, autocast=self.options["autocast"]
         )
         out = {}
         for layer in self.layers:
-            out[f"cls_{layer}"] = feats.tokens_proj[layer][:, 0].float()
-            out[f"patches_{layer}"] = feats.path_tokens_proj[layer][:, 1:].float()
+            surgery_tokens = feats.path_tokens_proj[layer].float()
+            out[f"cls_{layer}"] = surgery_tokens[:, 0]
+            out[f"patches_{layer}"] = surgery_tokens[:, 1:]
         return out
 
     @torch.no_grad()
     def score_parts_from_features(
         self, features: dict[str, torch.Tensor], class_names: list[str]
     ) -> dict[str, torch.Tensor]:
-        """Smoothed ``map`` (B, S, S) and the two image scores ``global`` and ``max`` (B,) (methods.md 4.3-4.4)."""
+        """Smoothed ``map`` (B, S, S) and the image scores ``global`` and ``max`` (B,); methods.md 4.3-4.4."""
         text = torch.stack([self.text_features(name) for name in class_names]).float()  # (B, D, 2)
         scores = None
         for layer in self.layers:
             cls = F.normalize(features[f"cls_{layer}"].float(), dim=-1)
             patches = F.normalize(features[f"patches_{layer}"].float(), dim=-1)
-            layer_scores = feature_surgery(patches, cls, text) if self.options["surgery"] else cosine_scores(
-                patches, text
-            )
+            if self.options["surgery"]:
+                layer_scores = feature_surgery(patches, cls, text)
+            else:
+                layer_scores = cosine_scores(patches, text)
             scores = layer_scores if scores is None else scores + layer_scores
         batch, size = text.shape[0], self.image_size
         grid = scores.transpose(1, 2).reshape(batch, -1, *self.backbone.grid_size)
@@ -334,8 +369,8 @@ class ClipADSDP(Detector):
     def finalize_scores(self, scores: pd.DataFrame) -> pd.DataFrame:
         """Post-processing over a whole test set (evaluator hook).
 
-        Needs columns ``cls_name``, ``global`` and ``max`` (collected from :attr:`last_score_parts` after every
-        ``predict``). With ``image_score="minmax-sum"`` returns a copy whose ``score`` is
+        Needs columns ``cls_name``, ``global`` and ``max`` (collected from :attr:`last_score_parts` after
+        every ``predict``). With ``image_score="minmax-sum"`` returns a copy whose ``score`` is
         :func:`transductive_scores`; otherwise returns ``scores`` unchanged.
         """
         if self.options["image_score"] != "minmax-sum":

@@ -44,7 +44,9 @@ def nearest_cosine_distance(
         (1.0 - flat[start : start + chunk_size] @ bank.T).amin(dim=-1)
         for start in range(0, flat.shape[0], chunk_size)
     ]
-    return torch.cat(best).reshape(queries.shape[:-1])
+    # 1 - cos lies in [0, 2]; rounding can give -1e-7 for a feature that is in the memory, and WinCLIP+'s
+    # harmonic means would turn such tiny signed values into huge ones.
+    return torch.cat(best).reshape(queries.shape[:-1]).clamp(0.0, 2.0)
 
 
 class MemoryBank:

@@ -22,6 +22,7 @@ anomalib's ``_compute_few_shot_scores``). Final map = (zero-shot map + few-shot 
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -35,6 +36,10 @@ from zsad.prompts import BANKS, class_phrase, text_features
 
 AGGREGATIONS = ("harmonic", "caoyunkang")
 PATCH_FEATURES = ("ln_post", "raw", "proj")
+# backbone -> {(phrase, prompt bank, normalize_sentences): (D, 2) text}; entries leave with the backbone.
+_TEXT_CACHE: weakref.WeakKeyDictionary[CLIPBackbone, dict[tuple[str, str, bool], torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -53,24 +58,28 @@ def window_indices(grid: tuple[int, int], size: int, stride: int = 1) -> torch.T
 
 
 def incidence_matrix(windows: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """Boolean (K windows x P patches) matrix: entry (w, p) is True when window w contains patch p."""
-    incidence = torch.zeros(windows.shape[0], num_patches, dtype=torch.bool)
-    incidence.scatter_(1, windows, True)
+    """0/1 float (K windows x P patches) matrix: entry (w, p) is 1 when window w contains patch p."""
+    incidence = torch.zeros(windows.shape[0], num_patches)
+    incidence.scatter_(1, windows, 1.0)
     return incidence
 
 
 def harmonic_aggregation(window_scores: torch.Tensor, incidence: torch.Tensor) -> torch.Tensor:
     """Per patch, the harmonic mean of the scores of the windows that contain it (WinCLIP eq. 3).
 
-    ``window_scores`` (B, K), ``incidence`` (K, P) -> (B, P) with M(p) = n_p / sum_{w contains p} 1/s_w.
-    A zero window score makes the patch 0 (1/0 = inf), as anomalib's ``nan_to_num(posinf=0)``; ``where``
-    rather than a matmul keeps 0 * inf from turning into NaN for the windows that do not contain p.
+    ``window_scores`` (B, K) in [0, 1], ``incidence`` (K, P) 0/1 -> (B, P) with
+    M(p) = n_p / sum_{w contains p} 1/s_w, as one matrix product instead of a loop over patches.
+    A zero window score makes the patches it covers 0 (1/0 = inf; anomalib's ``nan_to_num(posinf=0)``): those
+    windows are counted by a second product, because inf x 0 in the first would give NaN everywhere else.
     A patch covered by no window gets 0.
     """
+    incidence = incidence.float()
     reciprocal = 1.0 / window_scores.float()
-    summed = torch.where(incidence, reciprocal.unsqueeze(-1), 0.0).sum(dim=1)
-    counts = incidence.sum(dim=0).to(summed.dtype)
-    return torch.nan_to_num(counts / summed, nan=0.0)
+    infinite = torch.isinf(reciprocal)
+    summed = torch.where(infinite, 0.0, reciprocal) @ incidence
+    zeroed = (infinite.float() @ incidence) > 0
+    result = torch.nan_to_num(incidence.sum(dim=0) / summed, nan=0.0, posinf=0.0)
+    return result.masked_fill(zeroed, 0.0)
 
 
 def harmonic_mean(maps: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -172,19 +181,26 @@ class WinCLIP(Detector):
         num_patches = self.grid[0] * self.grid[1]
         self.windows = {s: window_indices(self.grid, s) for s in scales}
         self.incidence = {s: incidence_matrix(self.windows[s], num_patches) for s in scales}
-        self._text_cache: dict[str, torch.Tensor] = {}
+        # Shared by every WinCLIP / WinCLIP+ on this backbone (e.g. the zero-shot and the k-shot detectors
+        # of one notebook): the text never depends on the references.
+        self._text_cache = _TEXT_CACHE.setdefault(backbone, {})
         # Only WinCLIP+ keeps last-block patch features (its patch-level memory).
         self._patch_kind: str | None = None
 
     # ------------------------------------------------------------------ features
     def text_features(self, class_name: str) -> torch.Tensor:
-        """The (D, 2) CPE matrix [t_normal, t_abnormal] of a class, computed once per class."""
-        if class_name not in self._text_cache:
-            phrase = class_phrase(class_name, self.replace_underscores)
-            self._text_cache[class_name] = text_features(
-                self.backbone, phrase, self.prompt_bank, normalize_sentences=self.normalize_sentences
-            ).float()
-        return self._text_cache[class_name]
+        """The (D, 2) CPE matrix [t_normal, t_abnormal] of a class, computed once per class and setting."""
+        phrase = class_phrase(class_name, self.replace_underscores)
+        key = (phrase, self.prompt_bank, self.normalize_sentences)
+        if key not in self._text_cache:
+            self._text_cache[key] = (
+                text_features(
+                    self.backbone, phrase, self.prompt_bank, normalize_sentences=self.normalize_sentences
+                )
+                .float()
+                .cpu()
+            )
+        return self._text_cache[key]
 
     def _text_batch(self, class_names: Sequence[str]) -> torch.Tensor:
         return torch.stack([self.text_features(name) for name in class_names])
@@ -196,14 +212,13 @@ class WinCLIP(Detector):
         last = self.backbone.num_layers
         layers = (last,) if patch_kind else ()
         features = self.backbone.encode_image(images, layers=layers, autocast=self.autocast)
-        out = {"image": features.pooled.float()}
+        out = {"image": features.pooled}
         for s in self.scales:
-            out[f"window_{s}"] = self.backbone.encode_windows(
-                images, self.windows[s], autocast=self.autocast
-            ).float()
+            out[f"window_{s}"] = self.backbone.encode_windows(images, self.windows[s], autocast=self.autocast)
         if patch_kind:
             out["patch"] = last_patch_features(self.backbone, features, last, patch_kind)
-        return out
+        # Scoring runs on the CPU (the incidence matrices and the memory live there): a few MB per batch.
+        return {key: value.float().cpu() for key, value in out.items()}
 
     # ------------------------------------------------------------------ zero-shot maps
     def _zero_shot(

@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-CARD_FILE = Path(__file__).resolve().parent / "zsad-tiny.json"
+TINY_NAME = "zsad-tiny"
+TINY_DIR = Path(__file__).resolve().parent
+WEIGHTS_FILE = TINY_DIR / "zsad-tiny.safetensors"
+CARD_FILE = TINY_DIR / "zsad-tiny.json"
+CONFIG_DIR = TINY_DIR / "model_configs"
 
 
 def load_card() -> dict[str, Any] | None:
-    """The model card written by ``python -m zsad.tiny train`` / ``measure``; None before the first training."""
+    """The model card written by ``python -m zsad.tiny train`` / ``measure``; None before first training."""
     return json.loads(CARD_FILE.read_text()) if CARD_FILE.exists() else None

@@ -52,8 +52,9 @@ def measure(data_root: Path, card_path: Path, weights: str | None = None) -> pd.
         "seen_image_auroc_macro": float(np.nanmean(table.loc[seen, "image_auroc"])),
         "seen_pixel_auroc_macro": float(np.nanmean(table.loc[seen, "pixel_auroc"])),
         "per_class": {c: {k: round(float(v), 4) for k, v in row.items()} for c, row in table.iterrows()},
-        "per_defect_image_auroc": {c: {k: round(float(v), 4) for k, v in row.items()}
-                                   for c, row in by_defect.iterrows()},
+        "per_defect_image_auroc": {
+            c: {k: round(float(v), 4) for k, v in row.items()} for c, row in by_defect.iterrows()
+        },
     }
     Path(card_path).write_text(json.dumps(card, indent=2) + "\n")
     return table.assign(heldout=[c in heldout for c in table.index])

@@ -1,0 +1,112 @@
+"""The `zsad` command: eval writes the CSV contract, data prepare writes meta.json, mistakes end cleanly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from zsad.cli import main
+from zsad.evaluate import COLUMNS
+
+
+def test_eval_writes_metrics_csv_and_run_json(synthad_root, tmp_path, capsys):
+    classes = "nut,wood"
+    code = main(
+        [
+            "eval",
+            "--method",
+            "clip",
+            "--data",
+            str(synthad_root),
+            "--backbone",
+            "zsad-tiny",
+            "--weights",
+            "random",
+            "--classes",
+            classes,
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| class |" in printed and "pixel_aupro (cflow)" in printed
+    csv = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(csv.columns) == ["class", *COLUMNS]
+    assert csv["class"].tolist() == ["nut", "wood", "mean"]
+    values = csv[list(COLUMNS)].to_numpy()
+    assert ((values >= 0) & (values <= 1)).all()
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert (
+        run["aupro_convention"] == "cflow" and run["backbone"] == "zsad-tiny" and run["weights"] == "random"
+    )
+    assert run["data"] == str(synthad_root) and "open_clip" in run["versions"]
+
+
+def test_feature_cache_second_run_reads_disk(synthad_root, tmp_path, tiny_random):
+    from zsad import methods
+    from zsad.cache import FeatureCache
+    from zsad.data import load_dataset
+    from zsad.evaluate import evaluate
+
+    data = load_dataset(synthad_root, "test", image_size=tiny_random.image_size, classes=["pill"])
+    cache = FeatureCache(tmp_path / "cache")
+    first = evaluate(methods.create("clip", backbone=tiny_random), data, cache=cache, progress=False)
+    assert cache.hits == 0 and cache.misses == len(data)
+    second = evaluate(methods.create("clip", backbone=tiny_random), data, cache=cache, progress=False)
+    assert cache.hits == len(data)
+    pd.testing.assert_frame_equal(first.table, second.table)
+    pd.testing.assert_frame_equal(first.scores, second.scores)
+
+
+def test_unknown_method_and_missing_data_are_one_line_errors(tmp_path, capsys):
+    assert main(["eval", "--method", "nope", "--data", str(tmp_path)]) == 2
+    assert "unknown method" in capsys.readouterr().err
+    assert (
+        main(
+            [
+                "eval",
+                "--method",
+                "clip",
+                "--data",
+                str(tmp_path / "absent"),
+                "--backbone",
+                "zsad-tiny",
+                "--weights",
+                "random",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "dataset root not found" in err and "Traceback" not in err
+
+
+def test_zero_shot_method_rejects_k_shot(synthad_root, capsys):
+    with pytest.raises(SystemExit, match="zero-shot"):
+        main(
+            [
+                "eval",
+                "--method",
+                "clip",
+                "--data",
+                str(synthad_root),
+                "--backbone",
+                "zsad-tiny",
+                "--weights",
+                "random",
+                "--k-shot",
+                "2",
+            ]
+        )
+
+
+def test_python_dash_m_lists_methods():
+    out = subprocess.run(
+        [sys.executable, "-m", "zsad", "methods"], capture_output=True, text=True, check=True
+    )
+    assert "clip" in out.stdout.split()
