@@ -281,11 +281,6 @@ def official_pca_direction(x: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="zsad.prompts.reduce_pca centres over sentences, not per embedding "
-    "as the official code (reported to the lead); remove this mark once prompts.py follows it",
-)
 def test_pca_matches_the_official_definition():
     x, _ = _clustered(4, sizes=(15, 15), spread=0.2)
     v = reduce_sentences(torch.from_numpy(x).double(), "pca").numpy()
@@ -367,13 +362,28 @@ def heldout_test(tiny_trained, synthad_root, heldout_classes):
     return load_dataset(synthad_root, "test", image_size=tiny_trained.image_size, classes=heldout_classes)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("surgery", [True, False])
-def test_pixel_auroc_above_floor_on_held_out_categories(tiny_trained, heldout_test, surgery):
+@pytest.fixture(scope="module")
+def heldout_tables(tiny_trained, heldout_test):
     from zsad.evaluate import evaluate
 
-    table = evaluate(ClipADSDP(tiny_trained, surgery=surgery), heldout_test, progress=False).table
-    # Floors to calibrate once the weights exist (chance is 0.5). The prototype's plain patch-text similarity
-    # reached ~0.70-0.80 pixel AUROC on held-out categories; surgery off is the weaker ablation.
-    assert table.loc["mean", "pixel_auroc"] > (0.65 if surgery else 0.55)
-    assert table.loc["mean", "image_auroc"] > 0.6
+    return {
+        surgery: evaluate(ClipADSDP(tiny_trained, surgery=surgery), heldout_test, progress=False).table
+        for surgery in (True, False)
+    }
+
+
+def test_zero_shot_on_held_out_categories(heldout_tables):
+    """SDP localises defects in categories zsad-tiny never saw, from words alone."""
+    table = heldout_tables[True]
+    # Measured with the first trained weights (dbscan, sigma 8): pixel AUROC 0.724, image AUROC 0.900 (global
+    # score) on pill + wood; chance is 0.5. Floors sit a few points below: recalibrate with new weights.
+    assert table.loc["mean", "pixel_auroc"] > 0.68
+    assert table.loc["mean", "image_auroc"] > 0.80
+    assert table.drop(index="mean")["pixel_auroc"].min() > 0.6
+
+
+def test_feature_surgery_beats_plain_cosine_maps(heldout_tables):
+    # Measured: 0.724 with surgery vs 0.614 without (the paper's ablation direction).
+    on, off = (heldout_tables[s].loc["mean", "pixel_auroc"] for s in (True, False))
+    assert off > 0.55
+    assert on > off + 0.05

@@ -240,6 +240,13 @@ def test_caoyunkang_aggregation_matches_their_formula(tiny, images):
     torch.testing.assert_close(got.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=0)
 
 
+def test_bf16_autocast_stays_close_to_fp32(tiny, images, zero_shot):
+    scores, maps = WinCLIP(tiny, autocast=True).predict(images[:2], ["wood", "wood"])
+    ref_scores, ref_maps = zero_shot.predict(images[:2], ["wood", "wood"])
+    assert scores.dtype == maps.dtype == torch.float32
+    assert (scores - ref_scores).abs().max() < 0.05 and (maps - ref_maps).abs().max() < 0.05
+
+
 def test_text_options_change_the_text_and_are_cached(tiny):
     paper = WinCLIP(tiny)
     anomalib = WinCLIP(tiny, prompt_bank="winclip-anomalib", normalize_sentences=False)
@@ -321,6 +328,10 @@ def test_bad_inputs_and_options_raise_clear_errors(tiny, zero_shot, images):
         WinCLIP(tiny, prompt_bank="nope")
     with pytest.raises(ValueError, match="patch_features"):
         WinCLIPPlus(tiny, patch_features="nope")
+    with pytest.raises(TypeError, match="unknown option"):
+        WinCLIP(tiny, patch_features="raw")  # a WinCLIP+ option
+    with pytest.raises(TypeError, match="unknown option"):
+        WinCLIPPlus(tiny, temprature=0.07)
 
 
 def test_registry_builds_both_ids_on_the_tiny_backbone():

@@ -129,17 +129,8 @@ BANKS: dict[str, PromptBank] = {
     "adaclip": PromptBank("adaclip", _BASE_NORMAL, _APRILGAN_ABNORMAL, ADACLIP_TEMPLATES),
     "clipad": PromptBank(
         "clipad",
-        (
-            "flawless {}",
-            "perfect {}",
-            "unblemished {}",
-            "{} without flaw",
-            "{} without defect",
-            "{} without damage",
-            "{} without scratch",
-            "{} without crack",
-            "{} without contamination",
-        ),
+        # CLIP-AD drops the bare "{}" and negates three specific defects (methods.md 1.2).
+        _BASE_NORMAL[1:] + ("{} without scratch", "{} without crack", "{} without contamination"),
         (
             "damaged {}",
             "imperfect {}",
@@ -185,10 +176,16 @@ def reduce_mean(x: np.ndarray) -> np.ndarray:
 
 
 def reduce_pca(x: np.ndarray) -> np.ndarray:
-    """First principal direction of the sentence embeddings, sign-aligned with their mean."""
-    centred = x - x.mean(axis=0)
-    _, _, vt = np.linalg.svd(centred, full_matrices=False)
-    direction = vt[0]
+    """CLIP-AD's ``pca`` reducer: the embedding *dimensions* are the observations and sentences the variables.
+
+    Each sentence's embedding is centred over its own dimensions, the top eigenvector of the resulting
+    (sentences x sentences) scatter matrix weights the centred sentences, and the sign is aligned with
+    the plain mean. For strongly correlated sentences this lands close to the mean direction (unlike the
+    first principal axis of the centred sentence cloud, which would be orthogonal to it).
+    """
+    centred = x.T - x.T.mean(axis=0)  # (D, N)
+    _, vectors = np.linalg.eigh(centred.T @ centred)
+    direction = centred @ vectors[:, -1]
     return direction if direction @ x.mean(axis=0) >= 0 else -direction
 
 

@@ -11,6 +11,8 @@ from zsad.methods.base import Detector
 _REGISTRY: dict[str, str] = {
     "clip": "zsad.methods.clip_baseline:CLIPBaseline",
     "clipad-sdp": "zsad.methods.clipad_sdp:ClipADSDP",
+    "winclip": "zsad.methods.winclip:WinCLIP",
+    "winclip-fewshot": "zsad.methods.winclip:WinCLIPPlus",
 }
 
 

@@ -137,6 +137,8 @@ class WinCLIP(Detector):
     default_weights: ClassVar[str | None] = "laion400m_e31"
     default_image_size: ClassVar[int] = 240
     few_shot: ClassVar[bool] = False
+    # Options a subclass adds and passes up (recorded in ``config()``); anything else is a typo.
+    _subclass_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -150,6 +152,11 @@ class WinCLIP(Detector):
         autocast: bool = False,
         **options: Any,
     ) -> None:
+        unknown = sorted(set(options) - set(self._subclass_options))
+        if unknown:
+            raise TypeError(
+                f"{self.method_id}: unknown option(s) {', '.join(unknown)}; see help({type(self).__name__})"
+            )
         scales = tuple(int(s) for s in scales)
         if not scales or len(set(scales)) != len(scales):
             raise ValueError(f"scales must be distinct window sizes in patches, e.g. (2, 3); got {scales}")
@@ -311,6 +318,7 @@ class WinCLIPPlus(WinCLIP):
 
     method_id: ClassVar[str] = "winclip-fewshot"
     few_shot: ClassVar[bool] = True
+    _subclass_options: ClassVar[tuple[str, ...]] = ("patch_features",)
 
     def __init__(self, backbone: CLIPBackbone, patch_features: str = "ln_post", **options: Any) -> None:
         if patch_features not in PATCH_FEATURES:
