@@ -678,3 +678,10 @@ def test_random_init_is_seeded_and_warns_without_pretrained(tmp_path):
     open_clip.add_model_config(copy)
     with pytest.warns(UserWarning, match="random init"):
         load_clip("zsad-tiny-copy")
+
+
+def test_weights_label_says_where_weights_came_from(tiny_random):
+    assert tiny_random.weights_label == "random"
+    if zb.WEIGHTS_FILE.exists():
+        shipped = zb.load_clip("zsad-tiny")
+        assert shipped.weights_label.startswith("shipped zsad-tiny weights (sha256-")

@@ -150,3 +150,22 @@ def test_max_images_per_class_spreads_over_the_class():
     assert result.scores.groupby("cls_name").size().tolist() == [3, 3]
     assert set(result.scores.label) == {0, 1}  # evenly spaced, not the first three of a sorted class
     assert result.config["max_images_per_class"] == 3
+
+
+class PartsDetector(ChannelDetector):
+    """Exposes score parts and rewrites the scores at the end, like CLIP-AD's transductive minmax-sum."""
+
+    def predict(self, images, class_names):
+        scores, maps = super().predict(images, class_names)
+        self.last_score_parts = {"negated": -scores}
+        return scores, maps
+
+    def finalize_scores(self, scores):
+        return scores.assign(score=scores["negated"])
+
+
+def test_finalize_scores_hook_sees_score_parts_and_drives_the_table():
+    result = evaluate(PartsDetector(), MaskInChannel(), batch_size=4, progress=False)
+    assert "negated" in result.scores.columns
+    assert result.table.loc["mean", "image_auroc"] < 0.01  # the rewritten scores are the ones measured
+    assert result.table.loc["mean", "pixel_auroc"] > 0.99  # maps untouched

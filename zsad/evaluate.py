@@ -144,6 +144,8 @@ def evaluate(
         for batch in tqdm(loader, desc=desc, disable=not progress):
             scores, maps = _predict_batch(detector, batch, feature_cache)
             scores, maps = scores.float().cpu().numpy(), maps.float().cpu().numpy()
+            # Score components a detector exposes for transductive post-processing (CLIP-AD's minmax-sum).
+            parts = {k: v.float().cpu().numpy() for k, v in getattr(detector, "last_score_parts", {}).items()}
             for i, cls in enumerate(batch["cls_name"]):
                 acc = per_class.setdefault(cls, {"labels": [], "scores": [], "masks": [], "maps": []})
                 acc["labels"].append(batch["label"][i])
@@ -156,6 +158,7 @@ def evaluate(
                         "cls_name": cls,
                         "label": batch["label"][i],
                         "score": float(scores[i]),
+                        **{k: float(v[i]) for k, v in parts.items()},
                     }
                 )
                 if keep_maps:

@@ -55,11 +55,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
-from threadpoolctl import threadpool_limits
 
 from zsad.backbone import AttnPath, CLIPBackbone
 from zsad.methods.base import Detector
-from zsad.prompts import DBSCAN_SETTINGS, REDUCERS, class_phrase, encode_sentences, get_bank, reduce_sentences
+from zsad.prompts import (
+    DBSCAN_SETTINGS,
+    REDUCERS,
+    class_phrase,
+    encode_sentences,
+    get_bank,
+    reduce_sentences,
+    run_reducer,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,14 +176,10 @@ def representative_vector(
     dtype (fp32 on CPU), so "mean" is the same under both precisions.
     """
     _check_choice("text_precision", text_precision, TEXT_PRECISIONS)
-    # One thread: sklearn's OpenMP neighbour searches busy-wait on a loaded CPU. Measured here on 220
-    # sentences (2 cores shared): MeanShift 230 s with two threads, 0.2 s with one.
-    with threadpool_limits(limits=1):
-        if text_precision == "fp32" or rvs == "mean":
-            return reduce_sentences(embeddings, rvs, **reducer_options)
-        _check_choice("rvs", rvs, tuple(REDUCERS))
-        x = embeddings.detach().double().cpu().numpy()
-        vector = torch.from_numpy(np.asarray(REDUCERS[rvs](x, **reducer_options))).half()
+    if text_precision == "fp32" or rvs == "mean":
+        return reduce_sentences(embeddings, rvs, **reducer_options)
+    x = embeddings.detach().double().cpu().numpy()
+    vector = torch.from_numpy(run_reducer(rvs, x, **reducer_options)).half()
     return (vector / vector.norm()).float()
 
 
