@@ -132,12 +132,14 @@ class CLIPBackbone(nn.Module):
 
     @property
     def weights_label(self) -> str:
-        """What produced these weights, for report headers: a tag, a file, the shipped zsad-tiny, or random."""
+        """Where the weights came from, for report headers: a tag, a file, the shipped zsad-tiny, random."""
         if self.pretrained is not None:
             return str(self.pretrained)
         if self.weights_id.startswith("random-"):
             return f"random init ({self.weights_id.split('+')[0]})"
-        return f"shipped {self.name} weights ({self.weights_id})" if self.name == TINY_NAME else self.weights_id
+        if self.name == TINY_NAME:
+            return f"shipped {self.name} weights ({self.weights_id})"
+        return self.weights_id
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, weights_id={self.weights_id!r}, image_size={self.image_size}"
