@@ -12,6 +12,16 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINY_WEIGHTS = REPO / "zsad" / "tiny" / "zsad-tiny.safetensors"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """The tests push tiny tensors: one torch thread is fastest and does not stall on a shared 2-core CPU
+    (measured here: WinCLIP's hundreds of 5-10 token passes ran ~10x slower with two threads under load)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def synthad_root() -> Path:
     """The default SynthAD copy (generated once, shared with the notebooks)."""

@@ -13,11 +13,11 @@ import math
 import time
 from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from references import bilinear_matrix
 from safetensors.torch import save_file, save_model
 
 import zsad.backbone as zb
@@ -25,15 +25,6 @@ from zsad.backbone import AttnPath, BackboneError, CLIPBackbone, load_clip
 
 CONFIG = json.loads((Path(zb.__file__).parent / "tiny" / "model_configs" / "zsad-tiny.json").read_text())
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and it avoids thread contention on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -94,18 +85,6 @@ def reference_paths(visual, images, path: AttnPath, layers):
         if i in layers:
             tokens[i], paths[i] = x.clone(), (x if p is None else p).clone()
     return tokens, paths
-
-
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """1-D linear interpolation with half-pixel centres (align_corners=False), edge-clamped."""
-    m = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        m[i, i0] += 1 - (src - i0)
-        m[i, i1] += src - i0
-    return m
 
 
 def all_tensors(feats) -> list[torch.Tensor]:

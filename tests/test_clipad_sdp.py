@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from references import bilinear_matrix
 from scipy.ndimage import gaussian_filter
 
 from zsad.methods.clipad_sdp import (
@@ -99,19 +100,6 @@ def reference_surgery(p: torch.Tensor, cls: torch.Tensor, text: torch.Tensor) ->
     elementwise = [p * text[:, k] * w[k] for k in range(k_states)]
     redundant = sum(elementwise) / k_states
     return torch.stack([(elementwise[k] - redundant).sum(-1) for k in range(k_states)], dim=-1)
-
-
-def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """1-D linear interpolation weights, half-pixel centres (align_corners=False), clamped at the edges."""
-    m = np.zeros((n_out, n_in))
-    for i in range(n_out):
-        src = max((i + 0.5) * n_in / n_out - 0.5, 0.0)
-        i0 = min(int(np.floor(src)), n_in - 1)
-        i1 = min(i0 + 1, n_in - 1)
-        lam = src - i0
-        m[i, i0] += 1 - lam
-        m[i, i1] += lam
-    return m
 
 
 def reference_sdp(backbone, images, texts, layers, num_stages, sigma=8.0, surgery=True, legacy=False):

@@ -30,15 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_WEIGHTS = ROOT / "zsad" / "tiny" / "zsad-tiny.safetensors"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Hundreds of 5-10 token passes: on this shared 2-core CPU, waiting on a second thread costs ~10x."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     from zsad.backbone import load_clip
