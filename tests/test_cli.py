@@ -110,3 +110,31 @@ def test_python_dash_m_lists_methods():
         [sys.executable, "-m", "zsad", "methods"], capture_output=True, text=True, check=True
     )
     assert "clip" in out.stdout.split()
+
+
+def test_eval_k_shot_records_the_references(synthad_root, tmp_path):
+    code = main(
+        [
+            "eval",
+            "--method",
+            "winclip-fewshot",
+            "--data",
+            str(synthad_root),
+            "--backbone",
+            "zsad-tiny",
+            "--weights",
+            "random",
+            "--classes",
+            "nut",
+            "--k-shot",
+            "2",
+            "--seed",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert code == 0
+    run = json.loads((tmp_path / "run.json").read_text())
+    assert run["k_shot"] == 2 and run["seed"] == 1
+    assert len(run["references"]) == 2 and all("/train/good/" in p for p in run["references"])

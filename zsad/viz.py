@@ -80,6 +80,8 @@ def per_class_bars(
     sns.barplot(data=long, x="class", y=metric, hue="run" if len(tables) > 1 else None, ax=ax)
     ax.axhline(0.5, ls="--", c="grey", lw=0.8)
     ax.set_ylim(0, 1)
+    if len(tables) > 1:
+        ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
     ax.tick_params(axis="x", rotation=45)
     ax.figure.tight_layout()
     return ax.figure
