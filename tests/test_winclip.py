@@ -9,7 +9,6 @@ Python loops over patches, and a hand-written bilinear upsampling (``align_corne
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,9 +24,6 @@ from zsad.methods.winclip import (
     window_indices,
 )
 from zsad.prompts import text_features
-
-ROOT = Path(__file__).resolve().parents[1]
-TINY_WEIGHTS = ROOT / "zsad" / "tiny" / "zsad-tiny.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -337,42 +333,23 @@ def test_registry_builds_both_ids_on_the_tiny_backbone():
 
 
 # ------------------------------------------------------------------------ behaviour on the trained world
-def _held_out_categories(synth) -> list[str]:
-    from zsad.tiny import load_card
-
-    card = load_card() or {}
-    return list(card.get("heldout_categories") or getattr(synth, "HELD_OUT", synth.CATEGORIES[:2]))
-
-
-@pytest.fixture(scope="module")
-def trained_world(tmp_path_factory):
-    """Trained zsad-tiny + SynthAD held-out categories; skipped while the weights do not exist yet."""
-    if not TINY_WEIGHTS.exists():
-        pytest.skip("zsad-tiny weights not trained yet (zsad/tiny/zsad-tiny.safetensors)")
-    synth = pytest.importorskip("zsad.data.synth")
-    from zsad.backbone import load_clip
+def test_zero_and_few_shot_on_held_out_categories(tiny_trained, synthad_root, heldout_classes):
+    """Calibrated on the shipped zsad-tiny (measured: image 0.896, pixel 0.772 zero-shot; pixel 0.78-0.84 with
+    k = 1, 2, 4). Window embeddings must localise where plain patch-text similarity does not (0.456)."""
     from zsad.data import load_dataset
-
-    root = tmp_path_factory.mktemp("synthad")
-    held_out = _held_out_categories(synth)
-    synth.generate(root, seed=0, categories=held_out)
-    backbone = load_clip("zsad-tiny")
-    size = backbone.image_size
-    return backbone, load_dataset(root, split="test", image_size=size), load_dataset(root, "train", size)
-
-
-@pytest.mark.slow
-def test_zero_and_few_shot_beat_chance_on_held_out_categories(trained_world):
-    """Floors to calibrate once the weights exist (chance is 0.5; the prototype reached ~0.74 image AUROC
-    and ~0.7-0.8 pixel AUROC on held-out categories with plain CLIP scores)."""
     from zsad.evaluate import evaluate, fit_few_shot
+    from zsad.methods.clip_baseline import CLIPBaseline
 
-    backbone, test_set, train_set = trained_world
-    zero = evaluate(WinCLIP(backbone), test_set, progress=False).table.loc["mean"]
-    assert zero["image_auroc"] > 0.6
-    assert zero["pixel_auroc"] > 0.6
+    size = tiny_trained.image_size
+    test_set = load_dataset(synthad_root, "test", image_size=size, classes=heldout_classes)
+    train_set = load_dataset(synthad_root, "train", image_size=size, classes=heldout_classes)
+    zero = evaluate(WinCLIP(tiny_trained), test_set, progress=False).table.loc["mean"]
+    plain = evaluate(CLIPBaseline(tiny_trained), test_set, progress=False).table.loc["mean"]
+    assert zero["image_auroc"] > 0.80
+    assert zero["pixel_auroc"] > 0.70
+    assert zero["pixel_auroc"] > plain["pixel_auroc"] + 0.15
     for k in (1, 2, 4):
-        plus = WinCLIPPlus(backbone)
+        plus = WinCLIPPlus(tiny_trained)
         fit_few_shot(plus, train_set, k, seed=0)
         few = evaluate(plus, test_set, progress=False).table.loc["mean"]
         assert few["pixel_auroc"] > zero["pixel_auroc"], f"{k}-shot pixel AUROC did not beat zero-shot"
