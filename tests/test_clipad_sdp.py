@@ -363,15 +363,17 @@ def heldout_tables(tiny_trained, heldout_test):
 def test_zero_shot_on_held_out_categories(heldout_tables):
     """SDP localises defects in categories zsad-tiny never saw, from words alone."""
     table = heldout_tables[True]
-    # Measured with the first trained weights (dbscan, sigma 8): pixel AUROC 0.724, image AUROC 0.900 (global
-    # score) on pill + wood; chance is 0.5. Floors sit a few points below: recalibrate with new weights.
-    assert table.loc["mean", "pixel_auroc"] > 0.68
+    # Measured on the shipped weights (dbscan, sigma 8, default SynthAD split, pill + wood): pixel AUROC 0.646
+    # (pill 0.724, wood 0.568), image AUROC 0.854 (global score); chance is 0.5 and the plain CLIP baseline's
+    # patch maps reach 0.482. Floors sit a few points below the measurement.
+    assert table.loc["mean", "pixel_auroc"] > 0.60
     assert table.loc["mean", "image_auroc"] > 0.80
-    assert table.drop(index="mean")["pixel_auroc"].min() > 0.6
+    assert table.drop(index="mean")["pixel_auroc"].min() > 0.53
 
 
 def test_feature_surgery_beats_plain_cosine_maps(heldout_tables):
-    # Measured: 0.724 with surgery vs 0.614 without (the paper's ablation direction).
+    # Measured on the shipped weights: 0.646 with surgery vs 0.617 without (the paper's ablation direction);
+    # an earlier zsad-tiny gave 0.724 vs 0.614.
     on, off = (heldout_tables[s].loc["mean", "pixel_auroc"] for s in (True, False))
     assert off > 0.55
-    assert on > off + 0.05
+    assert on > off + 0.02

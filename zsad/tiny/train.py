@@ -39,8 +39,8 @@ MALLOC_ENV = {
 @dataclass
 class TrainConfig:
     seed: int = 0
-    steps: int = 650
-    batch_size: int = 128
+    steps: int = 850
+    batch_size: int = 96
     lr: float = 5e-4
     weight_decay: float = 0.1
     warmup_steps: int = 50
