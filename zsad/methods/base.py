@@ -10,8 +10,21 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
+
+
+def upsample_grid(
+    token_map: torch.Tensor, grid: tuple[int, int], size: int, align_corners: bool = False
+) -> torch.Tensor:
+    """Token scores (B, h*w) or (B, h, w) on a row-major grid -> (B, size, size), bilinear.
+
+    ``align_corners`` differs between the papers (methods.md pitfall 3): APRIL-GAN/AdaCLIP/SDP+ use True,
+    WinCLIP (anomalib), AnomalyCLIP and CLIP-AD SDP use False.
+    """
+    grid_map = token_map.reshape(token_map.shape[0], 1, *grid).float()
+    return F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0]
 
 
 class Detector:

@@ -14,16 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
-from zsad.methods.base import Detector
+from zsad.methods.base import Detector, upsample_grid
 from zsad.prompts import text_features
-
-
-def grid_to_map(token_scores: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
-    """(B, N) patch scores on a row-major token grid -> (B, size, size), bilinear, align_corners=False."""
-    b = token_scores.shape[0]
-    return F.interpolate(
-        token_scores.reshape(b, 1, *grid), size=(size, size), mode="bilinear", align_corners=False
-    )[:, 0]
 
 
 class CLIPBaseline(Detector):
@@ -78,7 +70,7 @@ class CLIPBaseline(Detector):
         patches = F.normalize(features["patches"].float(), dim=-1)
         scores = (self.logit_scale * torch.einsum("bd,bdk->bk", pooled, text)).softmax(-1)[:, 1]
         patch_probs = (self.logit_scale * torch.einsum("bnd,bdk->bnk", patches, text)).softmax(-1)[..., 1]
-        return scores, grid_to_map(patch_probs, self.backbone.grid_size, self.image_size)
+        return scores, upsample_grid(patch_probs, self.backbone.grid_size, self.image_size)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

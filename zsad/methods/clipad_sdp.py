@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from zsad.backbone import AttnPath, CLIPBackbone
-from zsad.methods.base import Detector
+from zsad.methods.base import Detector, upsample_grid
 from zsad.prompts import (
     DBSCAN_SETTINGS,
     REDUCERS,
@@ -340,9 +340,7 @@ class ClipADSDP(Detector):
             else:
                 layer_scores = cosine_scores(patches, text)
             scores = layer_scores if scores is None else scores + layer_scores
-        batch, size = text.shape[0], self.image_size
-        grid = scores.transpose(1, 2).reshape(batch, -1, *self.backbone.grid_size)
-        up = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=False)[:, 1]
+        up = upsample_grid(scores[..., 1], self.backbone.grid_size, self.image_size)
         maps = smooth_maps(up.cpu().numpy().astype(np.float32), self.options["sigma"])
         # The global score reads the CLS of the last requested layer (official: image_features[-1]).
         cls_last = F.normalize(features[f"cls_{self.layers[-1]}"].float(), dim=-1)
@@ -350,7 +348,7 @@ class ClipADSDP(Detector):
         return {
             "map": torch.from_numpy(maps),
             "global": logits.softmax(dim=-1)[:, 1],
-            "max": torch.from_numpy(maps.reshape(batch, -1).max(axis=1)),
+            "max": torch.from_numpy(maps.reshape(len(maps), -1).max(axis=1)),
         }
 
     @torch.no_grad()

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from zsad.methods.base import upsample_grid
+
 if TYPE_CHECKING:
     from zsad.backbone import ImageFeatures
 
@@ -152,8 +154,7 @@ def upsample_sum(maps: Mapping[Hashable, torch.Tensor], grid: tuple[int, int], s
     """
     total = None
     for value in maps.values():
-        grid_map = value.reshape(value.shape[0], 1, *grid).float()
-        up = F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=True)[:, 0]
+        up = upsample_grid(value, grid, size, align_corners=True)
         total = up if total is None else total + up
     if total is None:
         raise ValueError("no maps to sum")

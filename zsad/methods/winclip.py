@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone, ImageFeatures
-from zsad.methods.base import Detector
+from zsad.methods.base import Detector, upsample_grid
 from zsad.methods.memory_bank import MemoryBank
 from zsad.prompts import BANKS, class_phrase, text_features
 
@@ -255,11 +255,7 @@ class WinCLIP(Detector):
         return maps
 
     def _upsample(self, grid_map: torch.Tensor) -> torch.Tensor:
-        size = self.image_size
-        up = F.interpolate(
-            grid_map.unsqueeze(1).float(), size=(size, size), mode="bilinear", align_corners=False
-        )
-        return up[:, 0]
+        return upsample_grid(grid_map, grid_map.shape[-2:], self.image_size)
 
     # ------------------------------------------------------------------ protocol
     def _check(self, images: torch.Tensor, class_names: list[str]) -> None:
