@@ -16,3 +16,16 @@ def bilinear_matrix(n_in: int, n_out: int) -> np.ndarray:
         m[i, i0] += 1 - lam
         m[i, i1] += lam
     return m
+
+
+def bilinear_matrix_aligned(n_in: int, n_out: int) -> np.ndarray:
+    """1-D linear interpolation weights, align_corners=True: output i samples input i (n_in-1)/(n_out-1)."""
+    m = np.zeros((n_out, n_in))
+    for i in range(n_out):
+        src = i * (n_in - 1) / (n_out - 1) if n_out > 1 else 0.0
+        i0 = min(int(np.floor(src)), n_in - 1)
+        i1 = min(i0 + 1, n_in - 1)
+        lam = src - i0
+        m[i, i0] += 1 - lam
+        m[i, i1] += lam
+    return m

@@ -235,6 +235,21 @@ def test_representative_vector_is_unit_for_every_reducer_and_precision(reducer, 
         torch.testing.assert_close(v, fp32)
 
 
+def test_fp16_official_dbscan_vector_is_the_official_arithmetic_bit_for_bit():
+    """methods.md 4.2 / 13.2: the official DBSCAN representative is ``np.mean`` of the float32 cluster rows,
+    then ``torch.tensor(..., dtype=float16)``, normalised in fp16. Seed 21 gives unit rows whose float32 and
+    float64 means round to different fp16 values, so a float64 path cannot pass."""
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((200, 64)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    official = torch.tensor(np.mean(x, axis=0), dtype=torch.float16)  # one cluster: eps covers all rows
+    official /= official.norm()
+    via_float64 = torch.tensor(x.astype(np.float64).mean(axis=0)).half()
+    assert not torch.equal(via_float64, torch.tensor(np.mean(x, axis=0), dtype=torch.float16))
+    ours = representative_vector(torch.from_numpy(x), "dbscan", "fp16-official", eps=10.0, min_samples=2)
+    assert torch.equal(ours, official.float())
+
+
 def test_detector_text_columns_are_unit(tiny):
     det = ClipADSDP(tiny)  # the default: DBSCAN with the MVTec preset
     assert det.options["rvs"] == "dbscan" and det.options["dbscan_eps"] == 0.5

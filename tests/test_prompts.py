@@ -11,7 +11,7 @@ from zsad.prompts import BANKS, get_bank, reduce_sentences, text_features
 
 @pytest.mark.parametrize(
     ("bank", "normal", "abnormal", "templates"),
-    [("winclip", 7, 4, 22), ("winclip-anomalib", 7, 4, 22), ("aprilgan", 7, 5, 35), ("adaclip", 7, 5, 4),
+    [("winclip", 7, 4, 22), ("winclip-anomalib", 7, 4, 21), ("aprilgan", 7, 5, 35), ("adaclip", 7, 5, 4),
      ("clipad", 9, 10, 22)],
 )
 def test_bank_sizes_follow_the_official_code(bank, normal, abnormal, templates):
@@ -26,8 +26,20 @@ def test_bank_sizes_follow_the_official_code(bank, normal, abnormal, templates):
 def test_winclip_templates_have_no_period_and_clipad_ones_do():
     assert not any(t.endswith(".") for t in BANKS["winclip"].templates)
     assert all(t.endswith(".") for t in BANKS["clipad"].templates)
-    assert "a cropped photo of a {}." not in BANKS["winclip-anomalib"].templates
-    assert len(set(BANKS["winclip-anomalib"].templates)) == 21  # the duplicated jpeg template
+    anomalib = BANKS["winclip-anomalib"].templates
+    assert "a cropped photo of a {}." not in anomalib and "a jpeg corrupted photo of a {}." not in anomalib
+    assert anomalib.count("a jpeg corrupted photo of the {}.") == 2 and len(set(anomalib)) == 20
+    # every other template is one of the paper's 22, with a period
+    assert set(anomalib) <= set(BANKS["clipad"].templates)
+    normal, abnormal = BANKS["winclip-anomalib"].sentences("bottle")
+    assert (len(normal), len(abnormal)) == (147, 84)
+
+
+def test_anomalib_bank_equals_anomalibs_own_list():
+    prompting = pytest.importorskip("anomalib.models.image.winclip.prompting")
+    assert list(BANKS["winclip-anomalib"].templates) == list(prompting.TEMPLATES)
+    assert list(BANKS["winclip-anomalib"].normal_states) == list(prompting.NORMAL_STATES)
+    assert list(BANKS["winclip-anomalib"].abnormal_states) == list(prompting.ANOMALOUS_STATES)
 
 
 def test_unknown_bank_and_reducer_are_clear_errors():

@@ -88,6 +88,9 @@ class CLIPBackbone(nn.Module):
         self.mean, self.std = tuple(mean), tuple(std)
         is_quick = isinstance(model.visual.transformer.resblocks[0].mlp.gelu, QuickGELU)
         self.quick_gelu = is_quick if quick_gelu is None else quick_gelu
+        # How load_clip built it (interpolation, antialias, quick_gelu, round_fp16, the seed of a random
+        # init): checkpoints record it so that the same backbone can be rebuilt.
+        self.load_options: dict = {"quick_gelu": self.quick_gelu}
         self._tokenizer = open_clip.get_tokenizer(name, context_length=model.context_length)
 
     @property
@@ -291,6 +294,7 @@ def load_clip(
     quick_gelu: bool | None = None,
     seed: int | None = None,
     cache_dir: str | None = None,
+    round_fp16: bool = False,
 ) -> CLIPBackbone:
     """Build an open_clip ViT CLIP and load its weights.
 
@@ -304,6 +308,10 @@ def load_clip(
         True for OpenAI JIT archives, else the model config. False runs OpenAI weights with exact GELU as
         APRIL-GAN and AdaCLIP do (methods.md 13.1).
     seed / cache_dir: seed of a random init; download cache (None = open_clip / huggingface_hub default).
+    round_fp16: pass the weights that open_clip's ``build_model_from_openai_state_dict`` stores in fp16
+        (Conv/Linear weights and biases, attention ``in_proj``, ``visual.proj``, ``text_projection``)
+        through fp16 and back, as APRIL-GAN and AdaCLIP load OpenAI weights (methods.md 13.8). A no-op for
+        the real OpenAI file (already fp16); it matters for fp32 files such as random test weights.
 
     ``weights_id`` (for cache keys): the tag, "sha256-<16 hex>" of the file, or "random-<seed>", then
     "+quickgelu" when QuickGELU runs and "+<interpolation>[-aa]" when the positional embedding was resized.
@@ -323,14 +331,17 @@ def load_clip(
     model = _build_model(cfg, quick_gelu, seed or 0)
     if state_dict is not None:
         _load_weights(model, state_dict, str(file), name, interpolation, antialias)
+    if round_fp16:
+        _round_fp16(model)
     weights_id = (
         _clean_tag(str(pretrained)) if tag_cfg else f"sha256-{_file_sha256(file)[:16]}" if file else ""
     )
     weights_id = (weights_id or f"random-{seed}") + ("+quickgelu" if quick_gelu else "")
+    weights_id += "+fp16round" if round_fp16 else ""
     if image_size is not None and image_size != native:
         set_image_size(model, image_size, interpolation, antialias)
         weights_id += f"+{interpolation}{'-aa' if antialias else ''}"
-    return CLIPBackbone(
+    backbone = CLIPBackbone(
         model.to(device),
         name,
         None if pretrained is None else str(pretrained),
@@ -339,6 +350,30 @@ def load_clip(
         std=tuple(tag_cfg.get("std", OPENAI_STD)),
         quick_gelu=quick_gelu,
     )
+    backbone.load_options = {
+        "interpolation": interpolation,
+        "antialias": antialias,
+        "quick_gelu": quick_gelu,
+        "round_fp16": round_fp16,
+        **({"seed": seed} if file is None else {}),
+    }
+    return backbone
+
+
+def _round_fp16(model: open_clip.CLIP) -> None:
+    """Round, in place on this fresh model, the tensors open_clip's ``convert_weights_to_lp`` casts."""
+    with torch.no_grad():
+        for module in model.modules():
+            names = []
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+                names = ["weight", "bias"]
+            elif isinstance(module, nn.MultiheadAttention):
+                names = ["in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight"]
+            names += [n for n in ("text_projection", "proj") if isinstance(getattr(module, n, None), Tensor)]
+            for n in names:
+                tensor = getattr(module, n, None)
+                if isinstance(tensor, Tensor):
+                    tensor.copy_(tensor.half().float())
 
 
 def resize_positional_embedding(

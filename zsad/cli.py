@@ -48,6 +48,46 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--aupro", default="cflow", choices=["cflow", "exact"], help="AUPRO convention")
     ev.add_argument("--cache", action="store_true", help="cache frozen features on disk (ZSAD_CACHE)")
     ev.add_argument("--autocast", action="store_true", help="bf16 autocast on CPU")
+    ev.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=None,
+        help="a `zsad train` output folder; backbone, weights, size and options come from its config.json",
+    )
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    tr = sub.add_parser(
+        "train", help="train a method's learned parts on the TEST split of an auxiliary dataset"
+    )
+    tr.add_argument("--method", required=True, help="a method with learned parts, e.g. aprilgan")
+    tr.add_argument("--aux", required=True, type=Path, help="auxiliary dataset root (meta.json, with masks)")
+    tr.add_argument("--out", required=True, type=Path, help="checkpoint folder")
+    tr.add_argument("--meta", type=Path, default=None, help="a meta.json outside AUX")
+    tr.add_argument("--classes", default=None, help="comma-separated subset of the auxiliary classes")
+    tr.add_argument(
+        "--backbone", default=None, help="open_clip model name or zsad-tiny (default: the paper's)"
+    )
+    tr.add_argument("--weights", default=None, help="open_clip pretrained tag or a local weights file")
+    tr.add_argument("--image-size", type=int, default=None)
+    tr.add_argument("--preset", default=None, help="named training preset, e.g. aux-mvtec / aux-visa")
+    tr.add_argument("--epochs", type=int, default=None)
+    tr.add_argument("--seed", type=int, default=None)
+    tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--mosaic", type=float, default=None, help="mosaic probability (APRIL-GAN: 0.2 on MVTec)")
+    tr.add_argument("--resume", action="store_true", help="continue an interrupted run in OUT")
+    tr.add_argument("--overwrite", action="store_true", help="start afresh over a checkpoint in OUT")
+    tr.add_argument("--cache", type=Path, default=None, help="feature cache folder (default: ZSAD_CACHE)")
+    tr.add_argument(
+        "-o",
+        "--option",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help="method option (JSON literals parsed), e.g. -o layers [6,12,18,24]",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_data(sub)
     _add_eval(sub)
+    _add_train(sub)
     sub.add_parser("methods", help="list the method IDs")
     rep = sub.add_parser("report", help="execute a notebook with papermill into a report folder (+ HTML)")
     rep.add_argument("notebook", type=Path)
@@ -92,14 +133,29 @@ def _run_eval(args: argparse.Namespace) -> int:
     from zsad.evaluate import evaluate, fit_few_shot
 
     options = {"autocast": True} if args.autocast else {}
-    detector = methods.create(
-        args.method, backbone=args.backbone, weights=args.weights, image_size=args.image_size, **options
-    )
+    if args.checkpoint is not None:
+        from zsad.train import load_checkpoint
+
+        detector = load_checkpoint(
+            args.checkpoint, args.method, args.backbone, args.weights, args.image_size, **options
+        )
+    else:
+        detector = methods.create(
+            args.method, backbone=args.backbone, weights=args.weights, image_size=args.image_size, **options
+        )
+        if getattr(detector, "learned", None) is not None:
+            print(
+                f"zsad: warning: {args.method} has learned parts and no --checkpoint was given; "
+                "evaluating its untrained initialisation",
+                file=sys.stderr,
+            )
     classes = args.classes.split(",") if args.classes else None
     test = load_dataset(
         args.data, split="test", image_size=detector.image_size, classes=classes, meta=args.meta
     )
     extra: dict = {"data": str(args.data), "method": args.method}
+    if args.checkpoint is not None:
+        extra["checkpoint"] = str(args.checkpoint)
     if args.k_shot:
         if not detector.few_shot:
             raise SystemExit(
@@ -119,6 +175,35 @@ def _run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_train(args: argparse.Namespace) -> int:
+    from zsad.report import parse_value
+    from zsad.train import train
+
+    options = {name: parse_value(value) for name, value in args.option}
+    out = train(
+        args.method,
+        args.aux,
+        args.out,
+        backbone=args.backbone,
+        weights=args.weights,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        mosaic=args.mosaic,
+        preset=args.preset,
+        classes=args.classes.split(",") if args.classes else None,
+        meta=args.meta,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        cache=args.cache,
+        **options,
+    )
+    print(f"wrote checkpoint {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from zsad.backbone import BackboneError
@@ -128,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_data(args)
         if args.command == "eval":
             return _run_eval(args)
+        if args.command == "train":
+            return _run_train(args)
         if args.command == "report":
             from zsad.report import parse_value, render_notebook
 
@@ -138,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print("\n".join(available()))
         return 0
-    except (ValueError, FileNotFoundError, BackboneError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, BackboneError) as err:
         # User mistakes (bad paths, unknown names, missing weights) end with one readable line, no traceback.
         print(f"zsad: error: {err}", file=sys.stderr)
         return 2

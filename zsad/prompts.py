@@ -53,10 +53,32 @@ _WINCLIP_PHRASES = (
 # The 22-template set of the WinCLIP paper (caoyunkang: no trailing period; CLIP-AD: with periods).
 WINCLIP_TEMPLATES = _both_articles(*_WINCLIP_PHRASES, period=False)
 CLIPAD_TEMPLATES = _both_articles(*_WINCLIP_PHRASES, period=True)
-# anomalib / zqhang's 21-template variant: "a cropped photo of a {}" missing, a jpeg template duplicated
-# (methods.md 1.2); offered only to reproduce their numbers.
-ANOMALIB_TEMPLATES = tuple(t + "." for t in WINCLIP_TEMPLATES if t != "a cropped photo of a {}") + (
+# anomalib's 21-template list (its ``prompting.TEMPLATES``, 2.x; also zqhang's reproduction, methods.md 1.2),
+# in its order: "a cropped photo of a {}." and "a jpeg corrupted photo of a {}." are missing and "a jpeg
+# corrupted photo of the {}." appears twice, so 20 distinct templates and 147 / 84 sentences for 7 / 4
+# states. Offered only to reproduce anomalib's numbers.
+ANOMALIB_TEMPLATES = (
+    "a cropped photo of the {}.",
+    "a close-up photo of a {}.",
+    "a close-up photo of the {}.",
+    "a bright photo of a {}.",
+    "a bright photo of the {}.",
+    "a dark photo of the {}.",
+    "a dark photo of a {}.",
     "a jpeg corrupted photo of the {}.",
+    "a jpeg corrupted photo of the {}.",
+    "a blurry photo of the {}.",
+    "a blurry photo of a {}.",
+    "a photo of a {}.",
+    "a photo of the {}.",
+    "a photo of a small {}.",
+    "a photo of the small {}.",
+    "a photo of a large {}.",
+    "a photo of the large {}.",
+    "a photo of the {} for visual inspection.",
+    "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.",
+    "a photo of a {} for anomaly detection.",
 )
 
 # The 35 ImageNet-style templates of APRIL-GAN's ensemble (also AnomalyCLIP's unused ensemble).

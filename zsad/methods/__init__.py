@@ -9,8 +9,10 @@ from zsad.methods.base import Detector
 
 # method ID -> "module:Class"; modules import lazily so that listing methods stays cheap.
 _REGISTRY: dict[str, str] = {
+    "aprilgan": "zsad.methods.aprilgan:AprilGAN",
     "clip": "zsad.methods.clip_baseline:CLIPBaseline",
     "clipad-sdp": "zsad.methods.clipad_sdp:ClipADSDP",
+    "clipad-sdp-plus": "zsad.methods.clipad_sdp_plus:ClipADSDPPlus",
     "winclip": "zsad.methods.winclip:WinCLIP",
     "winclip-fewshot": "zsad.methods.winclip:WinCLIPPlus",
 }
@@ -53,3 +55,11 @@ def create(
         weights = cls.default_weights if name == cls.default_backbone else default_weights_for(name)
     size = image_size or (cls.default_image_size if name == cls.default_backbone else None)
     return cls(load_clip(name, pretrained=weights, image_size=size), **options)
+
+
+def from_official(method_id: str, checkpoint=None, weights=None, image_size=None, **options: Any) -> Detector:
+    """A detector set to the official code's behaviour, reading released checkpoints
+    (:func:`zsad.methods.official.from_official`)."""
+    from zsad.methods.official import from_official as build
+
+    return build(method_id, checkpoint=checkpoint, weights=weights, image_size=image_size, **options)

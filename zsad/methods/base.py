@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from zsad.backbone import CLIPBackbone
 
@@ -79,3 +80,72 @@ class Detector:
             raise ValueError(
                 f"{self.method_id}: got {images.shape[0]} images but {len(class_names)} class names"
             )
+
+
+class TrainableDetector(Detector):
+    """A detector with learned parts on a frozen CLIP, trained by :func:`zsad.train.train`.
+
+    Subclasses split the work so that the trainer can cache what is frozen (design.md, "Speed"):
+
+    - ``feature_key()`` / ``extract_features(images)``: frozen backbone features per image (no grad), the
+      same dict the trainer caches on disk and ``predict_features`` reads;
+    - ``learned``: the module holding every learned parameter (its state dict is the checkpoint);
+    - ``training_loss(features, masks, labels, class_names) -> (loss, {part: value})``;
+    - ``predict_features(features, class_names) -> (scores, maps)``.
+
+    ``train_settings`` holds the paper's optimiser and schedule; ``train_presets`` the named variants
+    (e.g. APRIL-GAN's aux-MVTec / aux-VisA epochs and mosaic).
+    """
+
+    train_settings: ClassVar[dict[str, Any]] = {}
+    train_presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # Options that only change inference, so a checkpoint may be evaluated with other values.
+    inference_options: ClassVar[tuple[str, ...]] = ()
+    learned: nn.Module
+
+    def feature_key(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def predict_features(
+        self, features: dict[str, torch.Tensor], class_names: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def training_loss(
+        self,
+        features: dict[str, torch.Tensor],
+        masks: torch.Tensor,
+        labels: torch.Tensor,
+        class_names: list[str],
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """The learned parameters as a flat dict of tensors (what ``model.safetensors`` holds)."""
+        return {k: v.detach().clone().contiguous() for k, v in self.learned.state_dict().items()}
+
+    def load_learned(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        """Load learned parameters; a key or shape mismatch names the keys instead of torch's dump."""
+        own = self.learned.state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or wrong:
+            detail = "; ".join(
+                part
+                for part in (
+                    f"missing {missing[:6]}" if missing else "",
+                    f"unexpected {unexpected[:6]}" if unexpected else "",
+                    ", ".join(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in wrong[:6]),
+                )
+                if part
+            )
+            raise ValueError(f"{source} does not fit {self.method_id} on {self.backbone.name}: {detail}")
+        self.learned.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+    def predict(self, images: torch.Tensor, class_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_input(images, class_names)
+        with torch.no_grad():
+            return self.predict_features(self.extract_features(images), class_names)

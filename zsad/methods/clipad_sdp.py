@@ -171,15 +171,17 @@ def representative_vector(
 ) -> torch.Tensor:
     """RVS (methods.md 4.2): one unit vector (D,) from unit sentence embeddings (N, D).
 
-    ``text_precision="fp16-official"``: the official code turns the numpy result of every reducer but the mean
-    into an fp16 tensor and normalises it in fp16 (parity trap 13.2); its mean stays in the text encoder's
-    dtype (fp32 on CPU), so "mean" is the same under both precisions.
+    ``text_precision="fp16-official"`` repeats the official arithmetic exactly (parity trap 13.2): the
+    reducer runs on the float32 numpy embeddings (so DBSCAN's cluster mean is a float32 ``np.mean``), its
+    result is rounded to fp16 and normalised in fp16. A float64 mean can land on the other side of an fp16
+    rounding midpoint, hence float32 here. The official mean reducer stays in the text encoder's dtype (fp32
+    on CPU), so "mean" is the same under both precisions.
     """
     _check_choice("text_precision", text_precision, TEXT_PRECISIONS)
     if text_precision == "fp32" or rvs == "mean":
         return reduce_sentences(embeddings, rvs, **reducer_options)
-    x = embeddings.detach().double().cpu().numpy()
-    vector = torch.from_numpy(run_reducer(rvs, x, **reducer_options)).half()
+    x = embeddings.detach().float().cpu().numpy()
+    vector = torch.from_numpy(np.asarray(run_reducer(rvs, x, **reducer_options))).half()
     return (vector / vector.norm()).float()
 
 
@@ -325,12 +327,8 @@ class ClipADSDP(Detector):
             out[f"patches_{layer}"] = surgery_tokens[:, 1:]
         return out
 
-    @torch.no_grad()
-    def score_parts_from_features(
-        self, features: dict[str, torch.Tensor], class_names: list[str]
-    ) -> dict[str, torch.Tensor]:
-        """Smoothed ``map`` (B, S, S) and the image scores ``global`` and ``max`` (B,); methods.md 4.3-4.4."""
-        text = torch.stack([self.text_features(name) for name in class_names]).float()  # (B, D, 2)
+    def surgery_map(self, features: dict[str, torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        """The unsmoothed SDP map (B, S, S): surgery scores summed over layers, upsampled (methods.md 4.3)."""
         scores = None
         for layer in self.layers:
             cls = F.normalize(features[f"cls_{layer}"].float(), dim=-1)
@@ -340,7 +338,19 @@ class ClipADSDP(Detector):
             else:
                 layer_scores = cosine_scores(patches, text)
             scores = layer_scores if scores is None else scores + layer_scores
-        up = upsample_grid(scores[..., 1], self.backbone.grid_size, self.image_size)
+        return upsample_grid(scores[..., 1], self.backbone.grid_size, self.image_size)
+
+    def unsmoothed_map(self, features: dict[str, torch.Tensor], text: torch.Tensor) -> torch.Tensor:
+        """The map before Gaussian smoothing; SDP+ adds its heads' maps here."""
+        return self.surgery_map(features, text)
+
+    @torch.no_grad()
+    def score_parts_from_features(
+        self, features: dict[str, torch.Tensor], class_names: list[str]
+    ) -> dict[str, torch.Tensor]:
+        """Smoothed ``map`` (B, S, S) and the image scores ``global`` and ``max`` (B,); methods.md 4.3-4.4."""
+        text = torch.stack([self.text_features(name) for name in class_names]).float()  # (B, D, 2)
+        up = self.unsmoothed_map(features, text)
         maps = smooth_maps(up.cpu().numpy().astype(np.float32), self.options["sigma"])
         # The global score reads the CLS of the last requested layer (official: image_features[-1]).
         cls_last = F.normalize(features[f"cls_{self.layers[-1]}"].float(), dim=-1)

@@ -1,0 +1,134 @@
+"""Stage-by-stage parity of ``zsad.methods.from_official`` with the official code's saved outputs.
+
+The official repositories cannot run in CI, so ``../shared/oracles/`` runs them once on CPU with deterministic
+random CLIP weights and saves inputs, intermediates, outputs and checkpoints (``$OUT/<method>.npz``,
+``$OUT/checkpoints/...``, ``$OUT/weights/...``). This script loads the *same* weights file, checkpoint and
+input tensors into zsad and prints max |diff| per stage. It needs only the saved files, never the official
+code.
+
+    python benchmarks/oracle_parity.py --oracles /path/to/oracle/out [--methods aprilgan clipad]
+
+Exit status 1 when a final map or score differs by 1e-4 or more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from zsad.methods import from_official
+
+TOLERANCE = 1e-4
+FINAL = (
+    "anomaly_maps",
+    "image_scores",
+    "fs_anomaly_maps",
+    "fs_image_scores",
+    "sdp_anomaly_maps",
+    "sdpp_anomaly_maps",
+    "sdp_image_scores_groupnorm",
+    "sdpp_image_scores_groupnorm",
+)
+
+
+def diff(ours, theirs) -> float:
+    a = ours.detach().float().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    return float(np.abs(a.astype(np.float64) - np.asarray(theirs, dtype=np.float64)).max())
+
+
+def aprilgan(root: Path, z) -> dict[str, float]:
+    detector = from_official(
+        "aprilgan",
+        checkpoint=root / "checkpoints/aprilgan/epoch_3.pth",
+        weights=root / "weights/ViT-L-14-336_seed0.pt",
+    )
+    out: dict[str, float] = {}
+    images = torch.from_numpy(z["input_images"])
+    names = [str(c) for c in z["class_names"]]
+    out["visual_pos_embed"] = diff(detector.backbone.model.visual.positional_embedding, z["visual_pos_embed"])
+    out["text_features"] = diff(torch.stack([detector.text_features(c) for c in names]), z["text_features"])
+    with torch.no_grad():
+        feats = detector.extract_features(images)
+        out["image_features"] = diff(feats["pooled"], z["image_features"])
+        for layer in detector.layers:
+            out[f"patch_tokens_raw_L{layer}_img0"] = diff(
+                feats[f"tokens_{layer}"][0], z[f"patch_tokens_raw_L{layer}_img0"]
+            )
+        heads = detector.learned([feats[f"tokens_{layer}"][:, 1:] for layer in detector.layers])
+        for layer, h in zip(detector.layers, heads, strict=True):
+            out[f"linear_out_L{layer}_img0"] = diff(h[0], z[f"linear_out_L{layer}_img0"])
+        text = detector._text_batch(names)
+        logits = torch.stack(detector.layer_logits(feats, text), dim=1)  # (B, L, N, 2)
+        grid = detector.backbone.grid_size
+        logits = logits.transpose(2, 3).reshape(*logits.shape[:2], 2, *grid)
+        out["token_logits"] = diff(logits, z["token_logits"])
+        scores, maps = detector.predict_features(feats, names)
+        out["anomaly_maps"] = diff(maps, z["anomaly_maps"])
+        out["image_scores"] = diff(scores, z["image_scores"])
+        # few-shot: 2 references, every test image scored as "bottle"
+        fs_names = [str(c) for c in z["fs_class_names"]]
+        detector.fit_few_shot(torch.from_numpy(z["fs_ref_images"]), ["bottle"] * len(z["fs_ref_images"]))
+        for layer in detector.layers:
+            memory = detector.memory.bank.memory("bottle", layer)
+            ref = torch.nn.functional.normalize(torch.from_numpy(z[f"fs_memory_L{layer}"]), dim=-1)
+            out[f"fs_memory_L{layer}"] = diff(memory, ref)
+        tokens = {layer: feats[f"tokens_{layer}"][:, 1:] for layer in detector.layers}
+        dist = detector.memory.bank.distances(fs_names, tokens)
+        out["fs_token_min_dist"] = diff(
+            torch.stack([dist[x].reshape(-1, *grid) for x in detector.layers], 1), z["fs_token_min_dist"]
+        )
+        scores, maps = detector.predict_features(feats, fs_names)
+        out["fs_anomaly_maps"] = diff(maps, z["fs_anomaly_maps"])
+        out["fs_text_probs"] = diff(detector.last_score_parts["text"], z["fs_text_probs"])
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            {
+                "cls_name": fs_names,
+                "score": scores.numpy(),
+                **{k: v.numpy() for k, v in detector.last_score_parts.items()},
+            }
+        )
+        out["fs_image_scores"] = diff(
+            detector.finalize_scores(frame)["score"].to_numpy(), z["fs_image_scores"]
+        )
+    return out
+
+
+METHODS = {"aprilgan": aprilgan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--oracles", required=True, type=Path, help="the oracles' $OUT folder")
+    parser.add_argument("--methods", nargs="*", default=sorted(METHODS), choices=sorted(METHODS))
+    parser.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    results, failed = {}, False
+    for name in args.methods:
+        npz = args.oracles / f"{'clipad' if name.startswith('clipad') else name}.npz"
+        if not npz.is_file():
+            print(f"{name}: {npz} missing, skipped")
+            continue
+        started = time.perf_counter()
+        table = METHODS[name](args.oracles, np.load(npz))
+        results[name] = table
+        print(f"\n{name} ({time.perf_counter() - started:.0f} s): max |diff| per stage")
+        for stage, value in table.items():
+            bad = stage in FINAL and value >= TOLERANCE
+            failed |= bad
+            print(f"  {stage:32s} {value:.3e}{'  <-- over 1e-4' if bad else ''}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

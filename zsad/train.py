@@ -1,0 +1,501 @@
+"""One trainer for every method with learned parts on a frozen CLIP (APRIL-GAN, CLIP-AD SDP+, ...).
+
+Protocol (methods.md 1.3, pitfall 15): train on the **test split of an auxiliary dataset** (it has normal and
+anomalous images with masks), then evaluate zero-shot on a different target dataset.
+
+What the trainer guarantees:
+
+- **Frozen features are computed once.** The image encoder is frozen, so its features are exact to cache:
+  epoch 1 runs it and stores each image's features in :class:`zsad.cache.FeatureCache`; later epochs read
+  them. Mosaic images (APRIL-GAN, methods.md 3.4: four random test images of one class stitched 2x2, masks
+  alike) are new images every time they are drawn, so *they* run the encoder; nothing else does.
+- **Seeded and deterministic on CPU.** The learned parts are initialised under ``torch.manual_seed(seed)``;
+  epoch e shuffles with a generator seeded by (seed, e) and draws mosaics from ``numpy`` seeded by (seed, e),
+  so a resumed run sees exactly the batches an uninterrupted one sees.
+- **Checkpoints that survive a crash.** After every epoch ``train_state.pt`` (learned parameters, optimiser
+  state, epoch), ``model.safetensors``, ``config.json`` and ``train_log.csv`` are each written to a temporary
+  name and renamed. ``resume=True`` continues from the last completed epoch and ends with the same weights.
+
+CPU memory: long PyTorch runs grow through glibc's allocator unless ``MALLOC_MMAP_THRESHOLD_``,
+``MALLOC_TRIM_THRESHOLD_`` (1 MiB) and ``MALLOC_ARENA_MAX=2`` are set before Python starts; the Makefile
+exports them and :func:`train` warns when they are missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from zsad.cache import FeatureCache
+from zsad.data.dataset import AnomalyDataset, load_dataset, preprocess_image, preprocess_mask
+from zsad.data.images import DataError, load_pair
+from zsad.data.meta import record_mask_path, resolve_path
+from zsad.methods.base import TrainableDetector
+
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_FILE = "train_state.pt"
+LOG_FILE = "train_log.csv"
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
+
+
+@dataclass
+class TrainSettings:
+    """Optimiser and schedule; each method's class gives its paper's values (``train_settings``)."""
+
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "adamw"
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    mosaic: float = 0.0  # probability that an item is replaced by a 2x2 mosaic of its class
+    shuffle: bool = True
+    seed: int = 111
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def check(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"epochs and batch_size must be >= 1; got {self.epochs}, {self.batch_size}")
+        if not 0.0 <= self.mosaic <= 1.0:
+            raise ValueError(f"mosaic is a probability in [0, 1]; got {self.mosaic}")
+        if self.optimizer not in ("adam", "adamw"):
+            raise ValueError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0; got {self.lr}")
+
+
+def resolve_settings(cls: type[TrainableDetector], preset: str | None, **overrides: Any) -> TrainSettings:
+    """Class defaults, then the named preset, then every override that is not None."""
+    if preset is not None and preset not in cls.train_presets:
+        known = ", ".join(sorted(cls.train_presets)) or "none"
+        raise ValueError(f"{cls.method_id} has no training preset {preset!r}; presets: {known}")
+    values = {**cls.train_settings, **(cls.train_presets.get(preset, {}) if preset else {})}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    names = {f.name for f in fields(TrainSettings)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}; known: {sorted(names)}")
+    if "betas" in values:
+        values["betas"] = tuple(values["betas"])
+    settings = TrainSettings(**values)
+    settings.check()
+    return settings
+
+
+# ------------------------------------------------------------------------------------------ data
+def check_aux_dataset(dataset: AnomalyDataset) -> None:
+    """The auxiliary set must teach localisation: anomalous images with pixel masks, in every class."""
+    labels = [int(r["anomaly"]) for r in dataset.items]
+    where = f"{dataset.meta_path} (split '{dataset.split}')"
+    if not any(labels):
+        raise DataError(
+            f"{where} has no anomalous images: the trained methods learn from the test split of an "
+            "auxiliary dataset (normal and defective images with masks)"
+        )
+    if not dataset.has_masks():
+        raise DataError(f"{where} has anomalous images but no pixel masks; the map losses need them")
+    for cls in dataset.classes:
+        if not dataset.class_indices(cls):
+            raise DataError(f"{where}: class {cls!r} has no images")
+
+
+def mosaic_item(
+    dataset: AnomalyDataset, cls: str, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """APRIL-GAN's mosaic (methods.md 3.4): four test images of class ``cls`` (each: a defect type drawn
+    uniformly, then one of its images), pasted 2x2 at their own size, masks alike, then preprocessed.
+    Returns (image, mask, label) with label 1 when any tile is anomalous (our choice; APRIL-GAN has no
+    image loss and keeps the replaced item's label)."""
+    by_type: dict[str, list[dict]] = {}
+    for record in dataset.items:
+        if record["cls_name"] == cls:
+            by_type.setdefault(record["specie_name"] or str(record["anomaly"]), []).append(record)
+    kinds = sorted(by_type)
+    tiles, masks, label = [], [], 0
+    for _ in range(4):
+        group = by_type[kinds[rng.integers(len(kinds))]]
+        record = group[rng.integers(len(group))]
+        image, mask = load_pair(
+            resolve_path(dataset.root, record["img_path"]), record_mask_path(dataset.root, record)
+        )
+        tiles.append(image)
+        masks.append(Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
+        label = max(label, int(record["anomaly"]))
+    w, h = tiles[0].size
+    canvas, mask_canvas = Image.new("RGB", (2 * w, 2 * h)), Image.new("L", (2 * w, 2 * h))
+    for i, (tile, mask) in enumerate(zip(tiles, masks, strict=True)):
+        at = ((i % 2) * w, (i // 2) * h)
+        canvas.paste(tile.resize((w, h), Image.Resampling.BICUBIC), at)
+        mask_canvas.paste(mask.resize((w, h), Image.Resampling.NEAREST), at)
+    size = dataset.image_size
+    return (
+        preprocess_image(canvas, size),
+        preprocess_mask(np.asarray(mask_canvas) > 0, size, dataset.mask_interpolation),
+        label,
+    )
+
+
+class FeatureSource:
+    """Frozen features per dataset item: disk cache first, the encoder (batched) for what is missing.
+
+    ``encoder_images`` counts the images the image encoder ran on (tests and the benchmark read it).
+    """
+
+    def __init__(self, detector: TrainableDetector, dataset: AnomalyDataset, cache: FeatureCache) -> None:
+        self.detector, self.dataset, self.cache = detector, dataset, cache
+        self.key = detector.feature_key()
+        self.encoder_images = 0
+
+    def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.encoder_images += images.shape[0]
+        with torch.no_grad():
+            return self.detector.extract_features(images)
+
+    def batch(self, indices: list[int], mosaic: dict[int, tuple]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(features stacked over the batch, masks (B, S, S), labels (B,)) for the given item indices;
+        ``mosaic`` maps a position in ``indices`` to a replacement (image, mask, label)."""
+        per_item: list[dict[str, torch.Tensor] | None] = [None] * len(indices)
+        masks: list[torch.Tensor | None] = [None] * len(indices)
+        labels = [0] * len(indices)
+        to_encode: list[tuple[int, torch.Tensor]] = []
+        for pos, index in enumerate(indices):
+            if pos in mosaic:
+                image, masks[pos], labels[pos] = mosaic[pos]
+                to_encode.append((pos, image))
+                continue
+            record = self.dataset.items[index]
+            labels[pos] = int(record["anomaly"])
+            path = resolve_path(self.dataset.root, record["img_path"])
+            per_item[pos] = self.cache.get(self.key, path)
+            item = self.dataset[index]
+            masks[pos] = item["mask"]
+            if per_item[pos] is None:
+                to_encode.append((pos, item["image"]))
+        if to_encode:
+            fresh = self.encode(torch.stack([image for _, image in to_encode]))
+            for j, (pos, _) in enumerate(to_encode):
+                per_item[pos] = {name: value[j] for name, value in fresh.items()}
+                if pos not in mosaic:
+                    record = self.dataset.items[indices[pos]]
+                    self.cache.put(
+                        self.key, resolve_path(self.dataset.root, record["img_path"]), per_item[pos]
+                    )
+        features = {name: torch.stack([f[name] for f in per_item]) for name in per_item[0]}
+        return features, torch.stack(masks), torch.tensor(labels)
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
+    def write(tmp: Path) -> None:
+        names = list(dict.fromkeys(k for row in rows for k in row))
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=names)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    _atomic_write(path, write)
+
+
+def read_log(out_dir: str | Path) -> list[dict[str, float]]:
+    """``train_log.csv`` as a list of rows (numbers parsed)."""
+    path = Path(out_dir) / LOG_FILE
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def read_config(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{out_dir} is not a zsad checkpoint directory: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(config, dict) or "method" not in config or "backbone" not in config:
+        raise ValueError(f"{path} is not a zsad checkpoint config (no 'method'/'backbone')")
+    return config
+
+
+def _detector_record(detector: TrainableDetector) -> dict[str, Any]:
+    backbone = detector.backbone
+    return {
+        "method": detector.method_id,
+        "backbone": backbone.name,
+        "weights": backbone.pretrained,
+        "weights_id": backbone.weights_id,
+        "image_size": backbone.image_size,
+        "backbone_options": dict(backbone.load_options),
+        "options": {k: v for k, v in detector.config().items() if k not in _BACKBONE_KEYS},
+    }
+
+
+_BACKBONE_KEYS = ("method", "backbone", "weights", "image_size")
+
+
+def load_checkpoint(
+    out_dir: str | Path,
+    method_id: str | None = None,
+    backbone: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    **options: Any,
+) -> TrainableDetector:
+    """Rebuild a trained detector from a checkpoint directory (``config.json`` + ``model.safetensors``).
+
+    Backbone, weights, image size and method options come from the config. An argument given here must
+    agree with it: a contradiction is an error, never a silent override (``method_id`` too: a checkpoint
+    of another method is refused). Only the method's ``inference_options`` (e.g. ``image_score``,
+    ``sigma``) may differ from the recorded ones.
+    """
+    from zsad.methods import get_class
+
+    out = Path(out_dir)
+    config = read_config(out)
+    if method_id is not None and method_id.lower() != config["method"]:
+        raise ValueError(
+            f"{out} holds a {config['method']!r} checkpoint, not {method_id!r}; pass --method "
+            f"{config['method']} or another checkpoint directory"
+        )
+    given = {"backbone": backbone, "weights": weights, "image_size": image_size}
+    for key, value in given.items():
+        if value is not None and str(value) != str(config[key]):
+            raise ValueError(
+                f"{out} was trained with {key}={config[key]!r}; got {key}={value!r}. The checkpoint fixes "
+                f"it: drop the flag (or train a new checkpoint)"
+            )
+    free = set(get_class(config["method"]).inference_options)
+    bad = sorted(
+        k
+        for k, v in options.items()
+        if k in config["options"] and k not in free and v != config["options"][k]
+    )
+    if bad:
+        raise ValueError(
+            f"{out} was trained with "
+            + ", ".join(f"{k}={config['options'][k]!r}" for k in bad)
+            + "; these are fixed by the checkpoint"
+        )
+    model_file = out / MODEL_FILE
+    if not model_file.is_file():
+        raise FileNotFoundError(f"{out} has no {MODEL_FILE}: training has not completed an epoch there")
+    detector = get_class(config["method"])(
+        _recorded_backbone(config, out), **{**config["options"], **options}
+    )
+    detector.load_learned(load_file(str(model_file)), source=str(model_file))
+    return detector
+
+
+def _recorded_backbone(config: dict[str, Any], where: Path):
+    """The backbone a checkpoint was trained on, rebuilt from its record; its weights id must match."""
+    from zsad.backbone import load_clip
+
+    clip = load_clip(
+        config["backbone"],
+        pretrained=config["weights"],
+        image_size=config["image_size"],
+        **config.get("backbone_options", {}),
+    )
+    if config.get("weights_id") and clip.weights_id != config["weights_id"]:
+        raise ValueError(
+            f"{where} was trained on weights {config['weights_id']}, but {config['weights']!r} now gives "
+            f"{clip.weights_id}: the weights file changed"
+        )
+    return clip
+
+
+def _save_epoch(
+    out: Path,
+    detector: TrainableDetector,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    record: dict[str, Any],
+    log: list[dict[str, Any]],
+) -> None:
+    state = {"epoch": epoch, "learned": detector.learned_state(), "optimizer": optimizer.state_dict()}
+    # train_state.pt alone carries everything a resume needs, so each rename leaves a whole checkpoint.
+    _atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
+    _atomic_write(out / MODEL_FILE, lambda tmp: save_file(detector.learned_state(), str(tmp)))
+    _write_json(out / CONFIG_FILE, {**record, "epochs_done": epoch})
+    _write_log(out / LOG_FILE, log)
+
+
+# ------------------------------------------------------------------------------------------ training
+def _make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
+    kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
+
+
+def epoch_order(n: int, seed: int, epoch: int, shuffle: bool) -> list[int]:
+    """Item order of one epoch, a function of (seed, epoch) only, so resuming replays it exactly."""
+    if not shuffle:
+        return list(range(n))
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def train(
+    method_id: str,
+    aux_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    weights: str | None = None,
+    image_size: int | None = None,
+    epochs: int | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    mosaic: float | None = None,
+    shuffle: bool | None = None,
+    preset: str | None = None,
+    classes: list[str] | None = None,
+    meta: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    cache: FeatureCache | str | os.PathLike | None = None,
+    progress: bool = True,
+    **options: Any,
+) -> Path:
+    """Train ``method_id`` on the test split of ``aux_root`` and write a checkpoint into ``out_dir``.
+
+    Settings: the method's paper defaults (``train_settings``), then ``preset`` (e.g. APRIL-GAN's
+    "aux-mvtec" / "aux-visa"), then any argument given here. ``options`` go to the detector (e.g.
+    ``layers``). ``cache``: a :class:`FeatureCache` or a folder (default: ``$ZSAD_CACHE``). ``resume``
+    continues an interrupted run in ``out_dir``; ``overwrite`` starts afresh over an existing checkpoint.
+    Returns ``out_dir``.
+    """
+    from zsad import methods
+
+    cls = methods.get_class(method_id)
+    if not issubclass(cls, TrainableDetector):
+        raise ValueError(f"{method_id} has no learned parts; it is training-free (use `zsad eval`)")
+    if not resume and not all(os.environ.get(k) for k in MALLOC_ENV):
+        warnings.warn(
+            "long CPU training grows memory through glibc's allocator; set MALLOC_MMAP_THRESHOLD_=1048576 "
+            "MALLOC_TRIM_THRESHOLD_=1048576 MALLOC_ARENA_MAX=2 before starting Python (the Makefile does)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    out = Path(out_dir)
+    previous = read_config(out) if (out / CONFIG_FILE).exists() else None
+    if previous is not None and previous["method"] != cls.method_id:
+        raise ValueError(
+            f"{out} holds a {previous['method']!r} checkpoint; train {method_id} into another directory"
+        )
+    if previous is not None and not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} already holds a checkpoint ({previous.get('epochs_done', 0)} epochs); pass resume=True "
+            "(--resume) to continue it or overwrite=True (--overwrite) to start again"
+        )
+    if resume and previous is not None:
+        # A resumed run takes every setting from the interrupted one; contradicting arguments are errors.
+        given = {"backbone": backbone, "weights": weights, "image_size": image_size}
+        for key, value in given.items():
+            if value is not None and str(value) != str(previous[key]):
+                raise ValueError(f"--resume: {out} was started with {key}={previous[key]!r}, got {value!r}")
+        settings = TrainSettings(**{**previous["train"], "betas": tuple(previous["train"]["betas"])})
+        if epochs is not None:
+            settings.epochs = int(epochs)
+        aux_root, classes = previous["aux"]["root"], previous["aux"]["classes"]
+        meta = previous["aux"].get("meta")
+        backbone = _recorded_backbone(previous, out)
+        weights = image_size = None
+        options = {**previous["options"], **options}
+    else:
+        settings = resolve_settings(
+            cls,
+            preset,
+            epochs=epochs,
+            seed=seed,
+            batch_size=batch_size,
+            lr=lr,
+            mosaic=mosaic,
+            shuffle=shuffle,
+        )
+    torch.manual_seed(settings.seed)  # the learned parts' initialisation
+    detector = methods.create(
+        cls.method_id, backbone=backbone, weights=weights, image_size=image_size, **options
+    )
+    dataset = load_dataset(aux_root, split="test", image_size=detector.image_size, classes=classes, meta=meta)
+    check_aux_dataset(dataset)
+    optimizer = _make_optimizer(detector.learned.parameters(), settings)
+    start, log = 0, []
+    if resume and (out / STATE_FILE).exists():
+        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        detector.load_learned(state["learned"], source=str(out / STATE_FILE))
+        optimizer.load_state_dict(state["optimizer"])
+        start, log = int(state["epoch"]), read_log(out)[: int(state["epoch"])]
+    out.mkdir(parents=True, exist_ok=True)
+    record = {
+        **_detector_record(detector),
+        "train": asdict(settings),
+        "aux": {
+            "root": str(dataset.root),
+            "classes": dataset.classes,
+            "meta": None if meta is None else str(meta),
+            "images": len(dataset),
+        },
+        "preset": preset,
+    }
+    feature_cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
+    source = FeatureSource(detector, dataset, feature_cache)
+    detector.learned.train()
+    for epoch in range(start, settings.epochs):
+        started, encoded_before = time.perf_counter(), source.encoder_images
+        order = epoch_order(len(dataset), settings.seed, epoch, settings.shuffle)
+        rng = np.random.default_rng([settings.seed, epoch])
+        totals: dict[str, float] = {}
+        batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
+        bar = tqdm(batches, desc=f"{cls.method_id} epoch {epoch + 1}/{settings.epochs}", disable=not progress)
+        for indices in bar:
+            draws = rng.random(len(indices))
+            mosaic_items = {
+                pos: mosaic_item(dataset, dataset.items[i]["cls_name"], rng)
+                for pos, i in enumerate(indices)
+                if draws[pos] < settings.mosaic
+            }
+            features, masks, labels = source.batch(indices, mosaic_items)
+            names = [dataset.items[i]["cls_name"] for i in indices]
+            loss, parts = detector.training_loss(features, masks, labels, names)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"{cls.method_id}: the loss became {loss.item()} in epoch {epoch + 1}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for name, value in {"loss": loss.item(), **parts}.items():
+                totals[name] = totals.get(name, 0.0) + float(value) * len(indices)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        row = {"epoch": epoch + 1, **{k: v / len(dataset) for k, v in totals.items()}}
+        row["seconds"] = time.perf_counter() - started
+        row["encoded_images"] = source.encoder_images - encoded_before
+        log.append(row)
+        _save_epoch(out, detector, optimizer, epoch + 1, record, log)
+    detector.learned.eval()
+    return out
