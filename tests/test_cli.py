@@ -138,3 +138,26 @@ def test_eval_k_shot_records_the_references(synthad_root, tmp_path):
     run = json.loads((tmp_path / "run.json").read_text())
     assert run["k_shot"] == 2 and run["seed"] == 1
     assert len(run["references"]) == 2 and all("/train/good/" in p for p in run["references"])
+
+
+def test_train_then_eval_from_the_checkpoint(synthad_root, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    common = ["--backbone", "zsad-tiny", "--weights", "random"]
+    args = ["train", "--method", "aprilgan", "--aux", str(synthad_root), "--classes", "carpet,nut"]
+    args += [*common, "--epochs", "1", "--batch-size", "16", "--cache", str(tmp_path / "c"), "--out", str(ck)]
+    assert main(args) == 0
+    assert (ck / "model.safetensors").is_file() and (ck / "train_log.csv").is_file()
+    out = tmp_path / "eval"
+    ev = ["eval", "--method", "aprilgan", "--checkpoint", str(ck), "--data", str(synthad_root)]
+    assert main([*ev, "--classes", "wood", "--out", str(out)]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["checkpoint"] == str(ck) and run["backbone"] == "zsad-tiny" and run["method"] == "aprilgan"
+    capsys.readouterr()
+    # a flag that contradicts the checkpoint, another method's checkpoint, or an existing folder: one line
+    assert main([*ev, "--classes", "wood", "--image-size", "256"]) == 2
+    assert "trained with image_size=128" in capsys.readouterr().err
+    ev[2] = "clipad-sdp-plus"
+    assert main([*ev, "--classes", "wood"]) == 2
+    assert "'aprilgan' checkpoint, not 'clipad-sdp-plus'" in capsys.readouterr().err
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err

@@ -9,6 +9,7 @@ from zsad.methods.base import Detector
 
 # method ID -> "module:Class"; modules import lazily so that listing methods stays cheap.
 _REGISTRY: dict[str, str] = {
+    "anomalyclip": "zsad.methods.anomalyclip:AnomalyCLIP",
     "aprilgan": "zsad.methods.aprilgan:AprilGAN",
     "clip": "zsad.methods.clip_baseline:CLIPBaseline",
     "clipad-sdp": "zsad.methods.clipad_sdp:ClipADSDP",

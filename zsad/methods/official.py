@@ -8,6 +8,14 @@ scores equal the official code's. Where the two differ and why:
 =================  ===========================================================================================
 method             official settings (clean default in brackets)
 =================  ===========================================================================================
+anomalyclip        ViT-L-14-336 ``openai`` at 518 with QuickGELU, weights not rounded; positional embedding
+                   resized **bilinear without antialias** [bicubic + antialias] (the official in-place resize
+                   is not reproduced: zsad never mutates a parameter); deep text tokens rounded through fp16
+                   (``deep_prompt_fp16=True``) [fp32]; image embedding = CLS @ proj without ``ln_post``
+                   (``cls_ln_post=False``, also our default); layer 24 alone, DPAM v-v from block 6.
+                   Checkpoint ``checkpoints/9_12_4_multiscale{,_visa}/epoch_15.pth``: ``{"prompt_learner":
+                   ctx_pos/ctx_neg (1, 1, 12, 768), compound_prompts_text.<i> (4, 768) for i = 0..7}``; its
+                   template buffers, token ids and unused ``compound_prompt_projections`` are ignored.
 aprilgan           ViT-L-14-336 ``openai`` at 518 built **without QuickGELU** (exact GELU, as its model JSON;
                    [QuickGELU, what the OpenAI weights were trained with]); positional embedding bicubic with
                    antialias; Conv/Linear/attention/projection weights passed through fp16 as open_clip's
@@ -71,6 +79,14 @@ OFFICIAL: dict[str, dict[str, Any]] = {
         "options": {"prompt_bank": "winclip-anomalib", "normalize_sentences": False},
         "checkpoint_key": None,
     },
+}
+OFFICIAL["anomalyclip"] = {
+    "backbone": "ViT-L-14-336",
+    "weights": "openai",
+    "image_size": 518,
+    "load": {"interpolation": "bilinear", "antialias": False, "quick_gelu": True},
+    "options": {"dpam": "vv", "cls_ln_post": False, "deep_prompt_fp16": True},
+    "checkpoint_key": "prompt_learner",
 }
 OFFICIAL["clipad-sdp-plus"] = {**OFFICIAL["clipad-sdp"], "checkpoint_key": "linear_layers"}
 
