@@ -33,7 +33,7 @@ def peak_rss_mb() -> float:
 
 
 def bench(
-    method: str, backbone: str, weights: str | None, size: int | None, aux: Path, autocast: bool, epochs: int
+    method: str, backbone: str, weights: str | None, size: int | None, aux: Path, precision: str, epochs: int
 ) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = train(
@@ -46,7 +46,7 @@ def bench(
             epochs=epochs,
             cache=Path(tmp) / "cache",
             progress=False,
-            autocast=autocast,
+            precision=precision,
         )
         log = read_log(out)
         detector = load_checkpoint(out)
@@ -61,7 +61,7 @@ def bench(
     return {
         "method": method,
         "backbone": backbone,
-        "precision": "bf16" if autocast else "fp32",
+        "precision": precision,
         "aux_images": len(test),
         "epoch1_s": round(first, 2),
         "cached_epoch_s": round(cached, 3),
@@ -76,6 +76,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["aprilgan", "clipad-sdp-plus"])
     parser.add_argument("--large", action="store_true", help="also ViT-L-14-336 at 518 (random weights)")
     parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--csv", type=Path, default=None)
     args = parser.parse_args()
@@ -100,8 +101,8 @@ def main() -> None:
             )
             runs.append((large[method][0], "random", large[method][1], few))
         for backbone, weights, size, aux in runs:
-            for autocast in (False, True):
-                row = bench(method, backbone, weights, size, aux, autocast, args.epochs)
+            for precision in args.precisions:
+                row = bench(method, backbone, weights, size, aux, precision, args.epochs)
                 print(row, flush=True)
                 rows.append(row)
     table = pd.DataFrame(rows)

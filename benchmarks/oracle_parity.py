@@ -152,7 +152,66 @@ def clipad(root: Path, z) -> dict[str, float]:
     return out
 
 
-METHODS = {"aprilgan": aprilgan, "clipad": clipad}
+def anomalyclip(root: Path, z) -> dict[str, float]:
+    """test.sh settings (layer 24, DPAM v-v from block 6, sigma 4), plus the extra 6/12/18/24 pass."""
+    from zsad.methods.anomalyclip import AnomalyCLIP, state_probs, upsample_probs
+
+    checkpoint = root / "checkpoints/anomalyclip/epoch_15.pth"
+    detector = from_official(
+        "anomalyclip", checkpoint=checkpoint, weights=root / "weights/ViT-L-14-336_seed0.pt"
+    )
+    official = torch.load(checkpoint, map_location="cpu", weights_only=True)["prompt_learner"]
+    out = Stages()
+    images = torch.from_numpy(z["input_images"])
+    names = [str(c) for c in z["class_names"]]
+    visual = detector.backbone.model.visual
+    out["visual_pos_embed (bilinear)"] = diff(visual.positional_embedding, z["visual_pos_embed_after_test"])
+    with torch.no_grad():
+        ids = detector.template_ids()
+        official_ids = torch.cat([official["tokenized_prompts_pos"][0], official["tokenized_prompts_neg"][0]])
+        out["template_token_ids"] = diff(ids, official_ids)
+        words = detector.backbone.model.token_embedding(ids)
+        out["template_prefix_suffix"] = max(
+            diff(words[0, :1], official["token_prefix_pos"][0, 0]),
+            diff(words[0, 13:], official["token_suffix_pos"][0, 0]),
+            diff(words[1, :1], official["token_prefix_neg"][0, 0]),
+            diff(words[1, 13:], official["token_suffix_neg"][0, 0]),
+        )
+        raw = detector.backbone.encode_text(
+            ids,
+            deep_prompts=detector.learned.deep_prompts(fp16=True),
+            token_embeddings=detector.prompt_embeddings(ids),
+        )
+        out["text_features_raw (fp16 deep)"] = diff(raw, z["text_features_raw"])
+        text = detector.text_batch(names)
+        out["text_features"] = diff(text[0].T, z["text_features"])
+        feats = detector.extract_features(images)
+        out["image_features_raw (no ln_post)"] = diff(feats["cls_proj"], z["image_features_raw"])
+        out["patch_features_L24 (dpam vv)"] = diff(feats["path_24"], z["patch_features_L24"])
+        probs = state_probs(feats["path_24"], text)
+        out["token_probs_L24"] = diff(probs, z["token_probs_L24"])
+        up = upsample_probs(probs[:, 1:], detector.backbone.grid_size, detector.image_size)
+        out["similarity_map_abnormal"] = diff(up[:, 1], z["similarity_map_abnormal"])
+        presmooth = detector.unsmoothed_map(feats, text)
+        out["anomaly_maps_presmooth"] = diff(presmooth, z["anomaly_maps_presmooth"])
+        scores, maps = detector.predict_features(feats, names)
+        out["anomaly_maps"] = diff(maps, z["anomaly_maps"])
+        out["image_scores"] = diff(scores, z["image_scores"])
+        options = {k: v for k, v in detector.options.items() if k != "layers"}
+        multi = AnomalyCLIP(detector.backbone, layers=(6, 12, 18, 24), **options)
+        multi.learned.load_state_dict(detector.learned.state_dict())
+        extra = multi.extract_features(images)
+        for layer in multi.layers:
+            out[f"extra_patch_features_L{layer}_img0"] = diff(
+                extra[f"path_{layer}"][0], z[f"extra_patch_features_L{layer}_img0"]
+            )
+            out[f"extra_token_probs_L{layer}"] = diff(
+                state_probs(extra[f"path_{layer}"], text), z[f"extra_token_probs_L{layer}"]
+            )
+    return out
+
+
+METHODS = {"aprilgan": aprilgan, "clipad": clipad, "anomalyclip": anomalyclip}
 
 
 def main(argv: list[str] | None = None) -> int:

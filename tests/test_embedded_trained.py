@@ -18,7 +18,7 @@ from zsad.tiny import embedded_aux_root
 from zsad.train import load_checkpoint, train
 
 # The CI configuration of the notebooks (02_aprilgan, 03b_clipad_sdp_plus): seeded, few epochs.
-CONFIGS = {"aprilgan": {"epochs": 15}, "clipad-sdp-plus": {"epochs": 5}}
+CONFIGS = {"aprilgan": {"preset": "aux-mvtec"}, "clipad-sdp-plus": {"epochs": 5}}
 
 
 @pytest.fixture(scope="module")

@@ -228,7 +228,7 @@ def test_caoyunkang_aggregation_matches_their_formula(tiny, images):
 
 
 def test_bf16_autocast_stays_close_to_fp32(tiny, images, zero_shot):
-    scores, maps = WinCLIP(tiny, autocast=True).predict(images[:2], ["wood", "wood"])
+    scores, maps = WinCLIP(tiny, precision="bf16").predict(images[:2], ["wood", "wood"])
     ref_scores, ref_maps = zero_shot.predict(images[:2], ["wood", "wood"])
     assert scores.dtype == maps.dtype == torch.float32
     assert (scores - ref_scores).abs().max() < 0.05 and (maps - ref_maps).abs().max() < 0.05

@@ -47,7 +47,12 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--aupro", default="cflow", choices=["cflow", "exact"], help="AUPRO convention")
     ev.add_argument("--cache", action="store_true", help="cache frozen features on disk (ZSAD_CACHE)")
-    ev.add_argument("--autocast", action="store_true", help="bf16 autocast on CPU")
+    ev.add_argument(
+        "--precision",
+        default=None,
+        choices=["fp32", "bf16"],
+        help="fp32 (default, parity with the official code) or bf16 autocast of the image tower",
+    )
     ev.add_argument(
         "--checkpoint",
         type=Path,
@@ -132,7 +137,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from zsad.data import load_dataset
     from zsad.evaluate import evaluate, fit_few_shot
 
-    options = {"autocast": True} if args.autocast else {}
+    options = {"precision": args.precision} if args.precision else {}
     if args.checkpoint is not None:
         from zsad.train import load_checkpoint
 

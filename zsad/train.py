@@ -219,13 +219,20 @@ def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     _atomic_write(path, write)
 
 
-def read_log(out_dir: str | Path) -> list[dict[str, float]]:
+def read_log(out_dir: str | Path) -> list[dict[str, int | float]]:
     """``train_log.csv`` as a list of rows (numbers parsed)."""
     path = Path(out_dir) / LOG_FILE
     if not path.exists():
         return []
     with open(path, newline="") as handle:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+        return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def read_config(out_dir: str | Path) -> dict[str, Any]:

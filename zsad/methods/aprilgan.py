@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
 from zsad.losses import segmentation_loss
-from zsad.methods.base import TrainableDetector
+from zsad.methods.base import TrainableDetector, check_precision
 from zsad.methods.heads import LOGIT_SCALE, LinearHeads, token_logits, upsampled_probs
 from zsad.methods.memory_bank import PatchMemory, upsample_sum
 from zsad.prompts import class_phrase, text_features
@@ -68,7 +68,7 @@ class AprilGAN(TrainableDetector):
         image_score: "bounded" (default), "official-transductive" or "text" (few-shot only; zero-shot
             always uses the text probability).
         bank: prompt bank (default "aprilgan", 7/5 x 35); replace_underscores: "metal_nut" -> "metal nut".
-        autocast: bf16 autocast of the frozen image tower on CPU.
+        precision: "fp32" (default) or "bf16" (autocast of the frozen image tower).
     """
 
     method_id: ClassVar[str] = "aprilgan"
@@ -91,7 +91,7 @@ class AprilGAN(TrainableDetector):
         "aux-mvtec": {"epochs": 3, "mosaic": 0.2},  # the model for VisA and the other targets
         "aux-visa": {"epochs": 15, "mosaic": 0.0},  # the model for MVTec
     }
-    inference_options: ClassVar[tuple[str, ...]] = ("image_score", "autocast")
+    inference_options: ClassVar[tuple[str, ...]] = ("image_score", "precision")
 
     def __init__(
         self,
@@ -100,7 +100,7 @@ class AprilGAN(TrainableDetector):
         image_score: str = "bounded",
         bank: str = "aprilgan",
         replace_underscores: bool = False,
-        autocast: bool = False,
+        precision: str = "fp32",
     ) -> None:
         layers = quarter_layers(backbone.num_layers) if layers is None else tuple(int(x) for x in layers)
         if not layers or any(not 1 <= x <= backbone.num_layers for x in layers):
@@ -113,7 +113,7 @@ class AprilGAN(TrainableDetector):
             image_score=image_score,
             bank=bank,
             replace_underscores=bool(replace_underscores),
-            autocast=bool(autocast),
+            precision=check_precision(precision),
         )
         self.layers = layers
         self.learned = LinearHeads(backbone.width, backbone.embed_dim, len(layers))
@@ -140,12 +140,12 @@ class AprilGAN(TrainableDetector):
             "size": self.image_size,
             "layers": list(self.layers),
             "kind": "raw-tokens+pooled",
-            "autocast": self.options["autocast"],
+            "precision": self.options["precision"],
         }
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.options["autocast"])
+        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.bf16)
         out = {"pooled": feats.pooled}
         out.update({f"tokens_{layer}": feats.tokens[layer] for layer in self.layers})
         return out
@@ -185,7 +185,7 @@ class AprilGAN(TrainableDetector):
     def fit_few_shot(self, images: torch.Tensor, class_names: list[str]) -> AprilGAN:
         """Store the raw patch tokens of these normal images as their classes' memory (methods.md 3.3)."""
         self.check_input(images, class_names)
-        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.options["autocast"])
+        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.bf16)
         if self.memory is None:
             self.memory = PatchMemory(self.layers, self.backbone.grid_size)
         self.memory.fit(feats, class_names)

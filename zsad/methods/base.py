@@ -28,6 +28,17 @@ def upsample_grid(
     return F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0]
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
+def check_precision(precision: str) -> str:
+    """The one precision option of every method: "fp32" (default, parity) or "bf16" (autocast of the image
+    tower; text features are computed once per class and stay fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    return precision
+
+
 class Detector:
     """Base class: subclasses set the class attributes and implement :meth:`predict`.
 
@@ -48,6 +59,11 @@ class Detector:
     @property
     def image_size(self) -> int:
         return self.backbone.image_size
+
+    @property
+    def bf16(self) -> bool:
+        """True when the option ``precision="bf16"`` asks for bf16 autocast of the image tower."""
+        return self.options.get("precision") == "bf16"
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description of this detector (method, backbone, weights, options)."""

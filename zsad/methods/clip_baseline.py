@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
-from zsad.methods.base import Detector, upsample_grid
+from zsad.methods.base import Detector, check_precision, upsample_grid
 from zsad.prompts import text_features
 
 
 class CLIPBaseline(Detector):
-    """Zero-shot CLIP with a prompt ensemble; options: ``prompt_bank``, ``logit_scale``, ``autocast``."""
+    """Zero-shot CLIP with a prompt ensemble; options: ``prompt_bank``, ``logit_scale``, ``precision``."""
 
     method_id = "clip"
     paper = "Radford et al. 2021 (CLIP), as the baseline of WinCLIP / AnomalyCLIP Table 1"
@@ -32,15 +32,18 @@ class CLIPBaseline(Detector):
         backbone: CLIPBackbone,
         prompt_bank: str = "winclip",
         logit_scale: float = 100.0,
-        autocast: bool = False,
+        precision: str = "fp32",
         **options: Any,
     ) -> None:
         super().__init__(
-            backbone, prompt_bank=prompt_bank, logit_scale=logit_scale, autocast=autocast, **options
+            backbone,
+            prompt_bank=prompt_bank,
+            logit_scale=logit_scale,
+            precision=check_precision(precision),
+            **options,
         )
         self.prompt_bank = prompt_bank
         self.logit_scale = logit_scale
-        self.autocast = autocast
         self._text: dict[str, torch.Tensor] = {}
 
     def text(self, class_name: str) -> torch.Tensor:
@@ -55,12 +58,13 @@ class CLIPBaseline(Detector):
             "size": self.image_size,
             "layers": [self.backbone.num_layers],
             "kind": "pooled+last-proj",
+            "precision": self.options["precision"],
         }
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         last = self.backbone.num_layers
-        feats = self.backbone.encode_image(images, layers=(last,), autocast=self.autocast)
+        feats = self.backbone.encode_image(images, layers=(last,), autocast=self.bf16)
         return {"pooled": feats.pooled, "patches": feats.tokens_proj[last][:, 1:]}
 
     @torch.no_grad()

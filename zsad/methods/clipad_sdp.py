@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from zsad.backbone import AttnPath, CLIPBackbone
-from zsad.methods.base import Detector, upsample_grid
+from zsad.methods.base import Detector, check_precision, upsample_grid
 from zsad.prompts import (
     DBSCAN_SETTINGS,
     REDUCERS,
@@ -203,7 +203,7 @@ class ClipADSDP(Detector):
         bank: prompt bank, default "clipad"; replace_underscores: "metal_nut" -> "metal nut" (default off,
             as the official code).
         legacy_aliasing: reproduce the official in-place aliasing of the stored original-path CLS (4.6).
-        autocast: bf16 autocast of the image tower on CPU.
+        precision: "fp32" (default) or "bf16" (autocast of the image tower).
     """
 
     method_id: ClassVar[str] = "clipad-sdp"
@@ -228,7 +228,7 @@ class ClipADSDP(Detector):
         bank: str = "clipad",
         replace_underscores: bool = False,
         legacy_aliasing: bool = False,
-        autocast: bool = False,
+        precision: str = "fp32",
     ) -> None:
         num_layers = backbone.num_layers
         num_stages = default_num_stages(num_layers) if num_stages is None else int(num_stages)
@@ -269,7 +269,7 @@ class ClipADSDP(Detector):
             bank=bank,
             replace_underscores=bool(replace_underscores),
             legacy_aliasing=bool(legacy_aliasing),
-            autocast=bool(autocast),
+            precision=check_precision(precision),
         )
         self.layers = tuple(layers)
         self.attn_path = AttnPath(
@@ -309,7 +309,7 @@ class ClipADSDP(Detector):
             "kind": "clipad-staged-vv",
             "num_stages": self.options["num_stages"],
             "legacy_aliasing": self.options["legacy_aliasing"],
-            "autocast": self.options["autocast"],
+            "precision": self.options["precision"],
         }
 
     @torch.no_grad()
@@ -318,7 +318,7 @@ class ClipADSDP(Detector):
         ``proj``, not normalised. The backbone has already written the original path's CLS into the staged
         path's CLS position (``AttnPath.replace_cls`` defaults to True for "staged"), as the official code."""
         feats = self.backbone.encode_image(
-            images, layers=self.layers, attn_path=self.attn_path, autocast=self.options["autocast"]
+            images, layers=self.layers, attn_path=self.attn_path, autocast=self.bf16
         )
         out = {}
         for layer in self.layers:

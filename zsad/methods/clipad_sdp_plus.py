@@ -47,7 +47,7 @@ class ClipADSDPPlus(ClipADSDP, TrainableDetector):
         "seed": 42,
     }
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {"official": {"shuffle": False}}
-    inference_options: ClassVar[tuple[str, ...]] = ("sigma", "image_score", "autocast")
+    inference_options: ClassVar[tuple[str, ...]] = ("sigma", "image_score", "precision")
 
     def __init__(self, backbone: CLIPBackbone, **options: Any) -> None:
         super().__init__(backbone, **options)
@@ -60,7 +60,7 @@ class ClipADSDPPlus(ClipADSDP, TrainableDetector):
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """The SDP features plus ``tokens_l`` (B, 1+N, W): the original path's raw tokens of each layer."""
         feats = self.backbone.encode_image(
-            images, layers=self.layers, attn_path=self.attn_path, autocast=self.options["autocast"]
+            images, layers=self.layers, attn_path=self.attn_path, autocast=self.bf16
         )
         out = {}
         for layer in self.layers:

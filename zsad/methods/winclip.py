@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone, ImageFeatures
-from zsad.methods.base import Detector, upsample_grid
+from zsad.methods.base import Detector, check_precision, upsample_grid
 from zsad.methods.memory_bank import MemoryBank
 from zsad.prompts import BANKS, class_phrase, text_features
 
@@ -126,7 +126,7 @@ class WinCLIP(Detector):
     - ``aggregation`` "harmonic" (paper, anomalib, zqhang) or "caoyunkang": 1 - harmonic mean over scales of
       the per-scale harmonic mean of the *normal* probability (caoyunkang/WinClip, methods.md 2.2);
     - ``replace_underscores`` use "metal nut" rather than the meta.json key "metal_nut" in prompts;
-    - ``autocast`` bf16 autocast for the image tower on CPU (default fp32).
+    - ``precision`` "fp32" (default) or "bf16" (autocast of the image tower and window passes).
     """
 
     method_id: ClassVar[str] = "winclip"
@@ -149,7 +149,7 @@ class WinCLIP(Detector):
         normalize_sentences: bool = True,
         aggregation: str = "harmonic",
         replace_underscores: bool = False,
-        autocast: bool = False,
+        precision: str = "fp32",
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - set(self._subclass_options))
@@ -174,7 +174,7 @@ class WinCLIP(Detector):
             normalize_sentences=bool(normalize_sentences),
             aggregation=aggregation,
             replace_underscores=bool(replace_underscores),
-            autocast=bool(autocast),
+            precision=check_precision(precision),
             **options,
         )
         self.scales = scales
@@ -183,7 +183,6 @@ class WinCLIP(Detector):
         self.normalize_sentences = bool(normalize_sentences)
         self.aggregation = aggregation
         self.replace_underscores = bool(replace_underscores)
-        self.autocast = bool(autocast)
         self.grid = tuple(backbone.grid_size)
         num_patches = self.grid[0] * self.grid[1]
         self.windows = {s: window_indices(self.grid, s) for s in scales}
@@ -218,10 +217,10 @@ class WinCLIP(Detector):
         ``patch_kind`` is given, the last block's patch features ("patch", (B, P, C)) for WinCLIP+."""
         last = self.backbone.num_layers
         layers = (last,) if patch_kind else ()
-        features = self.backbone.encode_image(images, layers=layers, autocast=self.autocast)
+        features = self.backbone.encode_image(images, layers=layers, autocast=self.bf16)
         out = {"image": features.pooled}
         for s in self.scales:
-            out[f"window_{s}"] = self.backbone.encode_windows(images, self.windows[s], autocast=self.autocast)
+            out[f"window_{s}"] = self.backbone.encode_windows(images, self.windows[s], autocast=self.bf16)
         if patch_kind:
             out["patch"] = last_patch_features(self.backbone, features, last, patch_kind)
         # Scoring runs on the CPU (the incidence matrices and the memory live there): a few MB per batch.
@@ -270,7 +269,7 @@ class WinCLIP(Detector):
             "kind": "winclip-windows",
             "scales": list(self.scales),
             "patch_features": self._patch_kind,
-            "autocast": self.autocast,
+            "precision": self.options["precision"],
         }
 
     @torch.no_grad()
