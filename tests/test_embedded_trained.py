@@ -37,11 +37,11 @@ def baselines(heldout, tiny_trained):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, tiny_trained):
     root = tmp_path_factory.mktemp("trained")
-    aux = embedded_aux_root()
+    aux = embedded_aux_root()  # frozen features go to the default cache, shared with the notebooks
     out = {}
     for method, config in CONFIGS.items():
         out[method] = train(
-            method, aux, root / method, backbone="zsad-tiny", cache=root / "cache", progress=False, **config
+            method, aux, root / method, backbone="zsad-tiny", progress=False, **config
         )
     return out
 
