@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from open_clip.transformer import QuickGELU
 from references import bilinear_matrix
 from scipy.ndimage import gaussian_filter
 from scipy.special import erf
@@ -62,7 +63,10 @@ def attention(x, attn, mode="qk", causal=False):
 
 def mlp(x, block):
     h = x @ np_(block.mlp.c_fc.weight).T + np_(block.mlp.c_fc.bias)
-    h = 0.5 * h * (1 + erf(h / np.sqrt(2)))  # zsad-tiny uses exact GELU
+    if isinstance(block.mlp.gelu, QuickGELU):  # OpenAI weights, AnomalyCLIP's official build (13.1)
+        h = h / (1 + np.exp(-1.702 * h))
+    else:  # zsad-tiny's own activation
+        h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
     return h @ np_(block.mlp.c_proj.weight).T + np_(block.mlp.c_proj.bias)
 
 
@@ -159,13 +163,14 @@ def test_learned_parameters_are_only_the_prompts():
 def test_text_overwrites_words_after_sot_and_deep_positions_1_to_4(jittered, fp16):
     det = make(jittered, deep_prompt_fp16=fp16)
     ours = det.encode_prompts().detach().numpy()
-    assert det.learned.compound_prompts_text[0].shape == (4, 128) and len(det.learned.compound_prompts_text) == 3
+    deep = det.learned.compound_prompts_text
+    assert deep[0].shape == (4, 128) and len(deep) == 3  # blocks 2..4 of the 4-block text tower
     assert np.abs(ours - reference_text(det, fp16=fp16)).max() < TOL
     # the fp16 rounding is visible, and every deep block matters
     assert np.abs(ours - reference_text(det, fp16=not fp16)).max() > 1e-6
     with torch.no_grad():
-        det.learned.compound_prompts_text[-1].add_(0.5)
-    assert np.abs(det.encode_prompts().numpy() - ours).max() > 1e-3
+        det.learned.compound_prompts_text[-1].normal_(0, 0.5)
+    assert np.abs(det.encode_prompts().detach().numpy() - ours).max() > 1e-3
 
 
 def test_object_aware_prompts_carry_the_class_name(jittered):
@@ -209,7 +214,8 @@ def test_maps_and_scores_match_reference(jittered, images):
     g = unit(feats["cls_proj"].double().numpy())
     ref_scores = softmax(g @ text / 0.07)[:, 1]
     scores, maps = det.predict(images, ["nut", "nut"])
-    assert np.abs(det.unsmoothed_map(feats, det.text_batch(["a", "a"])).numpy() - raw).max() < TOL
+    with torch.no_grad():
+        assert np.abs(det.unsmoothed_map(feats, det.text_batch(["a", "a"])).numpy() - raw).max() < TOL
     assert np.abs(maps.numpy() - ref_maps).max() < TOL
     assert np.abs(scores.numpy() - ref_scores).max() < TOL
     # upsampling logits instead of probabilities would differ (pitfall 3)
@@ -222,7 +228,8 @@ def test_maps_and_scores_match_reference(jittered, images):
 
 
 def np_focal(probs, mask, smooth=1e-5):
-    """methods.md 1.4: one-hot clamped to [smooth, 1 - smooth], pt = sum(onehot p) + smooth, -(1-pt)^2 log pt."""
+    """methods.md 1.4: one-hot clamped to [smooth, 1 - smooth], pt = sum(onehot p) + smooth,
+    loss = -(1 - pt)^2 log pt averaged."""
     onehot = np.stack([1 - mask, mask], axis=1).clip(smooth, 1 - smooth)
     pt = (onehot * probs).sum(axis=1) + smooth
     return (-((1 - pt) ** 2) * np.log(pt)).mean()
@@ -278,7 +285,11 @@ def test_official_checkpoint_format_and_quirks(jittered, tmp_path, images):
     }
     torch.save({"prompt_learner": official}, tmp_path / "epoch_15.pth")
     det = methods.from_official(
-        "anomalyclip", checkpoint=tmp_path / "epoch_15.pth", weights=weights, backbone="zsad-tiny", image_size=160
+        "anomalyclip",
+        checkpoint=tmp_path / "epoch_15.pth",
+        weights=weights,
+        backbone="zsad-tiny",
+        image_size=160,
     )
     assert torch.equal(det.learned.ctx_neg, source.ctx_neg)
     assert det.options["deep_prompt_fp16"] and not det.options["cls_ln_post"]
@@ -303,3 +314,79 @@ def test_bad_options_are_clear(tiny_random):
         AnomalyCLIP(tiny_random, loss="both")
     with pytest.raises(ValueError, match="does not fit"):
         AnomalyCLIP(tiny_random, object_aware=True).text_batch(["a " * 40])
+
+
+# ------------------------------------------------------------------------------------------ embedded world
+@pytest.fixture(scope="module")
+def trained(tiny_trained, tmp_path_factory):
+    """Prompts trained 3 epochs on the embedded auxiliary set (SynthAD seen categories), seed 111."""
+    from zsad.tiny import embedded_aux_root
+    from zsad.train import train
+
+    work = tmp_path_factory.mktemp("anomalyclip")
+    options = dict(backbone="zsad-tiny", epochs=3, cache=work / "cache", progress=False)
+    return {
+        loss: train("anomalyclip", embedded_aux_root(), work / loss, loss=loss, **options)
+        for loss in ("glocal", "global")
+    }, work
+
+
+def held_out_table(checkpoint, dataset):
+    from zsad.evaluate import evaluate
+    from zsad.train import load_checkpoint
+
+    return evaluate(load_checkpoint(checkpoint), dataset, progress=False).table
+
+
+def test_trained_prompts_localise_held_out_defects(trained, synthad_root, heldout_classes):
+    """Measured (shipped zsad-tiny, 3 epochs, SynthAD default test split, wood + pill): glocal pixel AUROC
+    0.746 (pill 0.854, wood 0.639), image AUROC 0.775; the untrained CLIP baseline: 0.482 / 0.850. The
+    global term alone: image AUROC 0.880, pixel 0.554. On this world the map terms pull the shared prompts
+    away from the image score (the glocal image AUROC stays below the baseline's)."""
+    from zsad.data import load_dataset
+
+    test = load_dataset(synthad_root, "test", image_size=128, classes=heldout_classes)
+    glocal = held_out_table(trained[0]["glocal"], test)
+    assert glocal.loc["mean", "pixel_auroc"] > 0.68
+    assert glocal.drop(index="mean")["pixel_auroc"].min() > 0.58
+    assert glocal.loc["mean", "image_auroc"] > 0.70
+    global_only = held_out_table(trained[0]["global"], test)
+    assert global_only.loc["mean", "image_auroc"] >= 0.85
+    assert glocal.loc["mean", "pixel_auroc"] > global_only.loc["mean", "pixel_auroc"] + 0.1
+
+
+def test_fine_tuning_on_the_target_train_half_raises_pixel_auroc(trained, synthad_root):
+    """methods.md 12.2 on the embedded world: the held-out "wood" test split is split in two halves (seeded,
+    per label); the prompts start from the zero-shot checkpoint and are fine-tuned on one half, both are
+    evaluated on the other. Measured: pixel AUROC 0.544 zero-shot -> 0.770 after 15 epochs. (On "pill",
+    where zero-shot is already 0.857, the same fine-tune drops to 0.793: 15 images overfit.)"""
+    from zsad.data import load_dataset
+    from zsad.data.meta import read_meta, write_meta
+    from zsad.train import train
+
+    checkpoints, work = trained
+    records = read_meta(synthad_root)["test"]["wood"]
+    rng = np.random.default_rng(0)
+    halves: tuple[list, list] = ([], [])
+    for label in (0, 1):
+        index = rng.permutation([i for i, r in enumerate(records) if int(r["anomaly"]) == label])
+        halves[0].extend(records[i] for i in sorted(index[: len(index) // 2]))
+        halves[1].extend(records[i] for i in sorted(index[len(index) // 2 :]))
+    tune_meta = write_meta({"train": {}, "test": {"wood": halves[0]}}, work / "tune.json")
+    eval_meta = write_meta({"train": {}, "test": {"wood": halves[1]}}, work / "eval.json")
+    assert not {r["img_path"] for r in halves[0]} & {r["img_path"] for r in halves[1]}
+    tuned = train(
+        "anomalyclip",
+        synthad_root,
+        work / "tuned",
+        meta=tune_meta,
+        backbone="zsad-tiny",
+        epochs=15,
+        init_from=str(checkpoints["glocal"]),
+        cache=work / "cache",
+        progress=False,
+    )
+    target = load_dataset(synthad_root, "test", image_size=128, meta=eval_meta)
+    before = held_out_table(checkpoints["glocal"], target).loc["mean", "pixel_auroc"]
+    after = held_out_table(tuned, target).loc["mean", "pixel_auroc"]
+    assert after > before + 0.1

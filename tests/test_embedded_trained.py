@@ -40,9 +40,7 @@ def trained(tmp_path_factory, tiny_trained):
     aux = embedded_aux_root()  # frozen features go to the default cache, shared with the notebooks
     out = {}
     for method, config in CONFIGS.items():
-        out[method] = train(
-            method, aux, root / method, backbone="zsad-tiny", progress=False, **config
-        )
+        out[method] = train(method, aux, root / method, backbone="zsad-tiny", progress=False, **config)
     return out
 
 

@@ -11,8 +11,13 @@ from zsad.prompts import BANKS, get_bank, reduce_sentences, text_features
 
 @pytest.mark.parametrize(
     ("bank", "normal", "abnormal", "templates"),
-    [("winclip", 7, 4, 22), ("winclip-anomalib", 7, 4, 21), ("aprilgan", 7, 5, 35), ("adaclip", 7, 5, 4),
-     ("clipad", 9, 10, 22)],
+    [
+        ("winclip", 7, 4, 22),
+        ("winclip-anomalib", 7, 4, 21),
+        ("aprilgan", 7, 5, 35),
+        ("adaclip", 7, 5, 4),
+        ("clipad", 9, 10, 22),
+    ],
 )
 def test_bank_sizes_follow_the_official_code(bank, normal, abnormal, templates):
     b = get_bank(bank)
