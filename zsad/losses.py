@@ -15,6 +15,8 @@ from their definitions:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +66,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 def binary_cross_entropy(probs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean binary cross-entropy of probabilities (N,) against {0, 1} labels (N,)."""
     return F.binary_cross_entropy(probs, labels.to(probs.dtype))
+
+
+def layer_losses(
+    layers: Sequence[int], probs: Sequence[torch.Tensor], mask: torch.Tensor, normal_dice: bool = False
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Sum over tapped layers of :func:`segmentation_loss`, and each layer's value as ``loss_layer<l>``
+    (what the trainer logs)."""
+    losses = [segmentation_loss(p, mask, normal_dice) for p in probs]
+    parts = {f"loss_layer{layer}": loss.item() for layer, loss in zip(layers, losses, strict=True)}
+    return sum(losses), parts
 
 
 def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor, normal_dice: bool = False) -> torch.Tensor:

@@ -52,7 +52,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from zsad.backbone import AttnPath, CLIPBackbone
-from zsad.losses import cross_entropy, segmentation_loss
+from zsad.losses import cross_entropy, layer_losses
 from zsad.methods.base import TrainableDetector, check_precision, upsample_grid
 from zsad.methods.clipad_sdp import smooth_maps
 from zsad.prompts import class_phrase
@@ -353,11 +353,10 @@ class AnomalyCLIP(TrainableDetector):
             parts["loss_global"] = image_loss.item()
             terms.append(image_loss)
         if self.options["loss"] != "global":
-            local = []
-            for layer, probs in zip(self.layers, self.layer_probs(features, text), strict=True):
-                local.append(segmentation_loss(probs, masks.float(), normal_dice=True))
-                parts[f"loss_layer{layer}"] = local[-1].item()
-            terms.append(self.options["lam"] * sum(local))
+            probs = self.layer_probs(features, text)
+            local, layer_parts = layer_losses(self.layers, probs, masks.float(), normal_dice=True)
+            parts.update(layer_parts)
+            terms.append(self.options["lam"] * local)
         return sum(terms), parts
 
     def load_learned(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:

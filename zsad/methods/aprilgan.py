@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
-from zsad.losses import segmentation_loss
+from zsad.losses import layer_losses
 from zsad.methods.base import TrainableDetector, check_precision
 from zsad.methods.heads import LOGIT_SCALE, LinearHeads, token_logits, upsampled_probs
 from zsad.methods.memory_bank import PatchMemory, upsample_sum
@@ -172,13 +172,7 @@ class AprilGAN(TrainableDetector):
         class_names: list[str],
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """Sum over layers of focal + dice(abnormal) (methods.md 3.4)."""
-        parts = {}
-        total = None
-        for layer, probs in zip(self.layers, self.layer_probs(features, class_names), strict=True):
-            loss = segmentation_loss(probs, masks)
-            parts[f"loss_layer{layer}"] = loss.item()
-            total = loss if total is None else total + loss
-        return total, parts
+        return layer_losses(self.layers, self.layer_probs(features, class_names), masks)
 
     # ------------------------------------------------------------------------------------------ few-shot
     @torch.no_grad()

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from zsad.backbone import AttnPath, CLIPBackbone
+from zsad.backbone import AttnPath, CLIPBackbone, ImageFeatures
 from zsad.methods.base import Detector, check_precision, upsample_grid
 from zsad.prompts import (
     DBSCAN_SETTINGS,
@@ -320,6 +320,10 @@ class ClipADSDP(Detector):
         feats = self.backbone.encode_image(
             images, layers=self.layers, attn_path=self.attn_path, autocast=self.bf16
         )
+        return self.select_features(feats)
+
+    def select_features(self, feats: ImageFeatures) -> dict[str, torch.Tensor]:
+        """The per-layer ``cls_l`` / ``patches_l`` of the backbone's output (see :meth:`extract_features`)."""
         out = {}
         for layer in self.layers:
             surgery_tokens = feats.path_tokens_proj[layer].float()

@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from zsad.backbone import CLIPBackbone
-from zsad.losses import segmentation_loss
+from zsad.backbone import CLIPBackbone, ImageFeatures
+from zsad.losses import layer_losses
 from zsad.methods.base import TrainableDetector
 from zsad.methods.clipad_sdp import ClipADSDP
 from zsad.methods.heads import LinearHeads, token_logits, upsampled_probs
@@ -56,18 +56,10 @@ class ClipADSDPPlus(ClipADSDP, TrainableDetector):
     def feature_key(self) -> dict[str, Any]:
         return {**super().feature_key(), "kind": "clipad-staged-vv+ori"}
 
-    @torch.no_grad()
-    def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    def select_features(self, feats: ImageFeatures) -> dict[str, torch.Tensor]:
         """The SDP features plus ``tokens_l`` (B, 1+N, W): the original path's raw tokens of each layer."""
-        feats = self.backbone.encode_image(
-            images, layers=self.layers, attn_path=self.attn_path, autocast=self.bf16
-        )
-        out = {}
-        for layer in self.layers:
-            surgery_tokens = feats.path_tokens_proj[layer].float()
-            out[f"cls_{layer}"] = surgery_tokens[:, 0]
-            out[f"patches_{layer}"] = surgery_tokens[:, 1:]
-            out[f"tokens_{layer}"] = feats.tokens[layer]
+        out = super().select_features(feats)
+        out.update({f"tokens_{layer}": feats.tokens[layer] for layer in self.layers})
         return out
 
     def layer_probs(self, features: dict[str, torch.Tensor], text: torch.Tensor) -> list[torch.Tensor]:
@@ -91,9 +83,4 @@ class ClipADSDPPlus(ClipADSDP, TrainableDetector):
         """Sum over layers of focal + dice(abnormal) on the heads' maps (methods.md 4.5)."""
         with torch.no_grad():
             text = torch.stack([self.text_features(name) for name in class_names]).float()
-        parts, total = {}, None
-        for layer, probs in zip(self.layers, self.layer_probs(features, text), strict=True):
-            loss = segmentation_loss(probs, masks)
-            parts[f"loss_layer{layer}"] = loss.item()
-            total = loss if total is None else total + loss
-        return total, parts
+        return layer_losses(self.layers, self.layer_probs(features, text), masks)
