@@ -199,6 +199,33 @@ def test_exif_rotation_applied_to_image_and_mask(tmp_path, orientation, where):
     assert m.shape == (16, 8) and m[y, x] and m.sum() == 4
 
 
+@pytest.mark.parametrize("orientation", [1, 3, 6, 8])
+def test_mask_only_loader_equals_load_pair_without_decoding_the_image(tmp_path, orientation, monkeypatch):
+    """Cached training epochs read masks through ``load_pair_mask``: same mask, same EXIF handling, and the
+    image's pixels are never decoded (its header suffices)."""
+    from zsad.data import images as images_mod
+    from zsad.data.images import load_pair_mask
+
+    arr = np.zeros((8, 16, 3), np.uint8)
+    img = _exif_jpeg(tmp_path / "r.jpg", arr, orientation)
+    mask_arr = np.zeros((8, 16), np.uint8)
+    mask_arr[:2, :3] = 255
+    mask = _save(tmp_path / "r_mask.png", mask_arr)
+    _, expected = load_pair(img, mask)
+    _, zero = load_pair(img, None)
+    decoded = []
+    real = images_mod._open_decoded
+    monkeypatch.setattr(images_mod, "_open_decoded", lambda p, what: decoded.append(what) or real(p, what))
+    assert np.array_equal(load_pair_mask(img, mask), expected)
+    assert np.array_equal(load_pair_mask(img, None), zero)
+    assert decoded == ["mask"]
+    wrong = _save(tmp_path / "w.png", np.zeros((9, 16), np.uint8))
+    with pytest.raises(DataError, match=r"w\.png is \d+x\d+ \(WxH\)"):
+        load_pair_mask(img, wrong)
+    with pytest.raises(DataError, match="not found"):
+        load_pair_mask(tmp_path / "missing.jpg", mask)
+
+
 def test_mask_with_own_orientation_tag_uses_it(tmp_path):
     arr = np.zeros((8, 16, 3), np.uint8)
     img = _exif_jpeg(tmp_path / "r.jpg", arr, 6)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from zsad.data.images import OPENAI_MEAN, OPENAI_STD, DataError, is_image_file, load_pair
+from zsad.data.images import OPENAI_MEAN, OPENAI_STD, DataError, is_image_file, load_pair, load_pair_mask
 from zsad.data.meta import SPLITS, meta_file, read_meta, record_mask_path, resolve_path
 
 MASK_INTERPOLATIONS = {"bilinear": Image.Resampling.BILINEAR, "nearest": Image.Resampling.NEAREST}
@@ -176,6 +176,13 @@ class AnomalyDataset(Dataset):
             "specie_name": record["specie_name"],
             "path": path,
         }
+
+    def mask(self, index: int) -> torch.Tensor:
+        """``self[index]["mask"]`` without decoding the image (training epochs on cached features)."""
+        record = self.items[index]
+        path = resolve_path(self.root, record["img_path"])
+        mask = load_pair_mask(path, record_mask_path(self.root, record))
+        return preprocess_mask(mask, self.image_size, self.mask_interpolation)
 
     def class_indices(self, cls: str) -> list[int]:
         """Indices of the items of class ``cls`` (DataError for a class not in this dataset)."""

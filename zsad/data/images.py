@@ -202,6 +202,35 @@ def load_mask(
     return merged
 
 
+def image_header(path: str | os.PathLike) -> tuple[int | None, tuple[int, int]]:
+    """EXIF orientation and upright (H, W) of an image from its header alone (no pixel decoding)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"image not found: {p}")
+    try:
+        with Image.open(p) as im:
+            orientation, (width, height) = _orientation(im), im.size
+    except Exception as exc:
+        raise DataError(f"cannot read the header of image {p}: {type(exc).__name__}: {exc}") from exc
+    # Orientations 5-8 transpose the stored pixels, so the upright image is W x H (EXIF 2.3, Table 3).
+    return orientation, ((width, height) if orientation in (5, 6, 7, 8) else (height, width))
+
+
+def load_pair_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None) -> np.ndarray:
+    """The mask :func:`load_pair` returns, without decoding the image (its header gives the orientation and
+    size): what a training epoch on cached image features needs."""
+    orientation, shape = image_header(image_path)
+    if mask_path is None:
+        return np.zeros(shape, dtype=bool)
+    mask = load_mask(mask_path, orientation=orientation, shape=shape)
+    if mask.shape != shape:
+        raise DataError(
+            f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image {image_path} is "
+            f"{shape[1]}x{shape[0]}"
+        )
+    return mask
+
+
 def load_pair(
     image_path: str | os.PathLike, mask_path: str | os.PathLike | None
 ) -> tuple[Image.Image, np.ndarray]:
