@@ -127,6 +127,20 @@ def test_encode_image_equals_open_clip(tiny, images):
 
 
 @torch.no_grad()
+def test_cls_only_last_block_equals_the_full_block(tiny, images):
+    """Without a tap on the last block and without a second path, only CLS runs there (a speed-up): the
+    pooled embedding equals the full block's to float summation order, and so do WinCLIP's windows."""
+    from zsad.clip_forward import block_forward, cls_block_forward
+
+    block = tiny.model.visual.transformer.resblocks[-1]
+    x = torch.randn(3, 17, tiny.width)
+    torch.testing.assert_close(cls_block_forward(block, x), block_forward(block, x)[:, :1], atol=2e-6, rtol=0)
+    full = tiny.encode_image(images, layers=(-1,))
+    short = tiny.encode_image(images)
+    torch.testing.assert_close(short.pooled, full.pooled, atol=2e-6, rtol=0)
+    torch.testing.assert_close(short.pooled, tiny.model.encode_image(images), atol=2e-6, rtol=0)
+
+
 def test_tap_equals_truncated_forward(tiny, images):
     visual = tiny.model.visual
     feats = tiny.encode_image(images, layers=(2, tiny.num_layers))

@@ -234,16 +234,24 @@ def test_bf16_autocast_stays_close_to_fp32(tiny, images, zero_shot):
     assert (scores - ref_scores).abs().max() < 0.05 and (maps - ref_maps).abs().max() < 0.05
 
 
-def test_text_options_change_the_text_and_are_cached(tiny):
+def test_text_options_change_the_text_and_are_cached(tiny, monkeypatch):
     paper = WinCLIP(tiny)
     anomalib = WinCLIP(tiny, prompt_bank="winclip-anomalib", normalize_sentences=False)
     t_paper, t_anomalib = paper.text_features("wood"), anomalib.text_features("wood")
     assert t_paper.shape == (tiny.embed_dim, 2)
     torch.testing.assert_close(t_paper.norm(dim=0), torch.ones(2))
     assert (t_paper - t_anomalib).abs().max() > 1e-4
-    # Cached per backbone and text setting: every WinCLIP(+) on this backbone reuses it.
+    # The sentences are encoded once per backbone: every WinCLIP(+) on this backbone reuses them.
     assert paper.text_features("wood") is t_paper
-    assert WinCLIPPlus(tiny).text_features("wood") is t_paper
+    calls = []
+    original = type(tiny).encode_text
+    monkeypatch.setattr(
+        type(tiny), "encode_text", lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
+    )
+    torch.testing.assert_close(WinCLIPPlus(tiny).text_features("wood"), t_paper, rtol=0, atol=0)
+    assert not calls
+    WinCLIP(tiny).text_features("pill")
+    assert calls
 
 
 # ----------------------------------------------------------------------------------- few-shot

@@ -84,20 +84,28 @@ class ImageFeatures:
     path_tokens_proj: dict[int, Tensor]
 
 
-def attention(attn: nn.MultiheadAttention, x: Tensor, modes: tuple[str, ...], mask: Tensor | None = None):
+def attention(
+    attn: nn.MultiheadAttention,
+    x: Tensor,
+    modes: tuple[str, ...],
+    mask: Tensor | None = None,
+    queries: int | None = None,
+):
     """Self-attention with ``attn``'s weights on batch-first x, one output per mode (see module docstring):
     softmax(a bᵀ / sqrt(d_head)) v per head, then the shared out-projection. "qk" is nn.MultiheadAttention.
-    q, k, v are projected once however many modes are asked for."""
+    q, k, v are projected once however many modes are asked for. ``queries``: only the first n rows of the
+    output (keys and values still come from every token)."""
     batch, length, width = x.shape
     heads = attn.num_heads
+    rows = length if queries is None else queries
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
     qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
-    mask = None if mask is None else mask.to(qkv.dtype)
+    mask = None if mask is None else mask.to(qkv.dtype)[..., :rows, :]
     outs = []
     for mode in modes:
         a, b = _MODE_PAIRS[mode]
-        out = F.scaled_dot_product_attention(qkv[a], qkv[b], qkv[2], attn_mask=mask)
-        outs.append(attn.out_proj(out.transpose(1, 2).reshape(batch, length, width)))
+        out = F.scaled_dot_product_attention(qkv[a][..., :rows, :], qkv[b], qkv[2], attn_mask=mask)
+        outs.append(attn.out_proj(out.transpose(1, 2).reshape(batch, rows, width)))
     return outs
 
 
@@ -109,6 +117,14 @@ def block_forward(block: ResidualAttentionBlock, x: Tensor, mask: Tensor | None 
     """One standard CLIP block, as open_clip's ResidualAttentionBlock."""
     x = x + block.ls_1(attention(block.attn, block.ln_1(x), ("qk",), mask)[0])
     return mlp_residual(block, x)
+
+
+def cls_block_forward(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
+    """A block whose output is read only at CLS (the last block when no patch token of it is used): keys and
+    values from every token, the query, residual and MLP for CLS alone -> (B, 1, W). Equals row 0 of
+    :func:`block_forward` up to float summation order, at about 1/length of its query-side cost."""
+    a = attention(block.attn, block.ln_1(x), ("qk",), queries=1)[0]
+    return mlp_residual(block, x[:, :1] + block.ls_1(a))
 
 
 def embed_image(visual: VisionTransformer, images: Tensor) -> Tensor:
@@ -179,9 +195,14 @@ def vision_forward(
     tokens: dict[int, Tensor] = {}
     path_tokens: dict[int, Tensor] = {}
     in_stage: list[int] = []  # legacy staged: stored path layers that CLIP-AD's in-place `+=` still reaches
+    # Nothing reads the last block's patch tokens unless it is tapped or a second path runs: CLS only there.
+    cls_only = len(blocks) not in taps and path is None
     for i, block in enumerate(blocks, 1):
         if i in prompts:
             x, n_prompt = place_prompts(x, prompts[i], n_prompt)
+        if cls_only and i == len(blocks):
+            x = cls_block_forward(block, x)
+            break
         h = block.ln_1(x)
         if i >= first:
             outs = attention(block.attn, h, ("qk",) if path.mode == "qk" else ("qk", path.mode))
@@ -227,8 +248,10 @@ def window_forward(visual: VisionTransformer, images: Tensor, windows: Tensor, p
     for s in range(0, len(index), per_pass):
         part = index[s : s + per_pass]
         seq = x[:, part].reshape(-1, part.shape[1], x.shape[2])  # (B * k, 1 + n, W)
-        for block in visual.transformer.resblocks:
+        *body, last = visual.transformer.resblocks
+        for block in body:
             seq = block_forward(block, seq)
+        seq = cls_block_forward(last, seq)  # only each window's CLS is read
         outs.append(project(visual, seq[:, 0]).view(images.shape[0], len(part), -1))
     return torch.cat(outs, dim=1)
 

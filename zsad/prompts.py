@@ -7,6 +7,7 @@ state word with the class name, put it in every template, encode, L2-normalise e
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -269,16 +270,32 @@ def reduce_sentences(
     return vector / vector.norm()
 
 
+# backbone -> {(sentences, normalize, autocast on): (N, D)}: the text tower runs once per sentence list and
+# backbone, shared by every detector built on that backbone; entries leave with the backbone.
+_SENTENCE_CACHE: weakref.WeakKeyDictionary[CLIPBackbone, dict[tuple, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 @torch.no_grad()
 def encode_sentences(
     backbone: CLIPBackbone, sentences: list[str], normalize: bool = True, batch_size: int = 256
 ) -> torch.Tensor:
-    """Encode sentences with the backbone's text tower; (N, D), L2-normalised per sentence by default."""
-    chunks = [
-        backbone.encode_text(sentences[i : i + batch_size]) for i in range(0, len(sentences), batch_size)
-    ]
-    features = torch.cat(chunks).float()
-    return features / features.norm(dim=-1, keepdim=True) if normalize else features
+    """Encode sentences with the backbone's text tower; (N, D), L2-normalised per sentence by default.
+
+    Cached per backbone (the hand-crafted prompt banks of WinCLIP, APRIL-GAN, CLIP-AD, AdaCLIP repeat the same
+    sentences for every detector and class), separately for fp32 and bf16 autocast. Callers must not modify
+    the returned tensor in place.
+    """
+    key = (tuple(sentences), bool(normalize), torch.is_autocast_enabled("cpu"))
+    cache = _SENTENCE_CACHE.setdefault(backbone, {})
+    if key not in cache:
+        chunks = [
+            backbone.encode_text(sentences[i : i + batch_size]) for i in range(0, len(sentences), batch_size)
+        ]
+        features = torch.cat(chunks).float()
+        cache[key] = features / features.norm(dim=-1, keepdim=True) if normalize else features
+    return cache[key]
 
 
 @torch.no_grad()

@@ -47,7 +47,6 @@ that does not divide L is refused here instead.
 from __future__ import annotations
 
 import warnings
-import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -152,20 +151,6 @@ def transductive_scores(
 
 # Unit sentence embeddings per backbone object, shared by every detector on it (a notebook comparing RVS
 # reducers or ablations encodes the 418 sentences of a class once). Weak keys: it dies with the backbone.
-_SENTENCES: weakref.WeakKeyDictionary[CLIPBackbone, dict[tuple[str, ...], torch.Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def sentence_embeddings(backbone: CLIPBackbone, sentences: list[str]) -> torch.Tensor:
-    """(N, D) L2-normalised text embeddings of ``sentences``, cached per backbone."""
-    per_backbone = _SENTENCES.setdefault(backbone, {})
-    key = tuple(sentences)
-    if key not in per_backbone:
-        per_backbone[key] = encode_sentences(backbone, list(sentences))
-    return per_backbone[key]
-
-
 def representative_vector(
     embeddings: torch.Tensor, rvs: str = "dbscan", text_precision: str = "fp32", **reducer_options: float
 ) -> torch.Tensor:
@@ -288,7 +273,7 @@ class ClipADSDP(Detector):
             phrase = class_phrase(class_name, self.options["replace_underscores"])
             columns = [
                 representative_vector(
-                    sentence_embeddings(self.backbone, sentences),
+                    encode_sentences(self.backbone, sentences),
                     self.options["rvs"],
                     self.options["text_precision"],
                     **self._reducer_options,

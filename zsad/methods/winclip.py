@@ -22,7 +22,6 @@ anomalib's ``_compute_few_shot_scores``). Final map = (zero-shot map + few-shot 
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -36,10 +35,6 @@ from zsad.prompts import BANKS, class_phrase, text_features
 
 AGGREGATIONS = ("harmonic", "caoyunkang")
 PATCH_FEATURES = ("ln_post", "raw", "proj")
-# backbone -> {(phrase, prompt bank, normalize_sentences): (D, 2) text}; entries leave with the backbone.
-_TEXT_CACHE: weakref.WeakKeyDictionary[CLIPBackbone, dict[tuple[str, str, bool], torch.Tensor]] = (
-    weakref.WeakKeyDictionary()
-)
 
 
 # ------------------------------------------------------------------------------------------ windows
@@ -189,7 +184,7 @@ class WinCLIP(Detector):
         self.incidence = {s: incidence_matrix(self.windows[s], num_patches) for s in scales}
         # Shared by every WinCLIP / WinCLIP+ on this backbone (e.g. the zero-shot and the k-shot detectors
         # of one notebook): the text never depends on the references.
-        self._text_cache = _TEXT_CACHE.setdefault(backbone, {})
+        self._text_cache: dict[tuple[str, str, bool], torch.Tensor] = {}
         # Only WinCLIP+ keeps last-block patch features (its patch-level memory).
         self._patch_kind: str | None = None
 
