@@ -1,12 +1,13 @@
-"""Training and inference cost of the trained methods on the shared trainer (not a timed test).
+"""Training and inference cost of every method with learned parts on the shared trainer (not a timed test).
 
 Per method and backbone: seconds of epoch 1 (runs the frozen image encoder and fills the feature cache) vs the
 mean of the cached epochs (encoder skipped), their ratio, inference images/s (encoder included), and the
-process's peak RSS. Backbones: zsad-tiny (shipped weights) on the embedded auxiliary set, and
-ViT-L-14-336 at 518 px with random weights on a few SynthAD images (no pretrained weights exist here; the cost
-does not depend on the values). Each in fp32 and with bf16 autocast of the image tower.
+process's peak RSS and the number of learned parameters. Backbones: zsad-tiny (shipped weights) on the
+embedded auxiliary set, and with ``--large`` each method's paper backbone and size (e.g. ViT-L-14-336 at 518)
+with random weights on a few SynthAD images (no pretrained weights exist here; the cost does not depend on the
+values). Each in fp32 and with bf16 autocast of the image tower.
 
-    python benchmarks/bench_train.py [--methods aprilgan clipad-sdp-plus] [--large] [--csv out.csv]
+    python benchmarks/bench_train.py [--methods aprilgan anomalyclip] [--large] [--csv out.csv]
 
 Run with MALLOC_MMAP_THRESHOLD_=1048576 MALLOC_TRIM_THRESHOLD_=1048576 MALLOC_ARENA_MAX=2 (the Makefile sets
 them) so that peak memory reflects the model, not glibc's arenas.
@@ -23,8 +24,10 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from zsad import methods
 from zsad.data import load_dataset
 from zsad.data.synth import ensure
+from zsad.methods.base import TrainableDetector
 from zsad.train import load_checkpoint, read_log, train
 
 
@@ -53,10 +56,11 @@ def bench(
         test = load_dataset(aux, split="test", image_size=detector.image_size)
         images = torch.stack([test[i]["image"] for i in range(min(8, len(test)))])
         names = [test.items[i]["cls_name"] for i in range(len(images))]
-        detector.predict(images[:1], names[:1])  # warm-up (text features, allocations)
+        detector.predict(images, names)  # warm-up: every class's text features, allocations
         started = time.perf_counter()
         detector.predict(images, names)
         per_second = len(images) / (time.perf_counter() - started)
+        learned = sum(p.numel() for p in detector.learned.parameters())
     first, cached = log[0]["seconds"], sum(r["seconds"] for r in log[1:]) / max(1, len(log) - 1)
     return {
         "method": method,
@@ -68,12 +72,13 @@ def bench(
         "ratio": round(first / cached, 1),
         "infer_img_per_s": round(per_second, 2),
         "peak_rss_mb": round(peak_rss_mb()),
+        "learned_params": learned,
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--methods", nargs="*", default=["aprilgan", "clipad-sdp-plus"])
+    parser.add_argument("--methods", nargs="*", default=None, help="default: every trainable method")
     parser.add_argument("--large", action="store_true", help="also ViT-L-14-336 at 518 (random weights)")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--precisions", nargs="*", default=["fp32", "bf16"], choices=["fp32", "bf16"])
@@ -85,12 +90,12 @@ def main() -> None:
     from zsad.tiny import embedded_aux_root
 
     tiny = ("zsad-tiny", None, None, embedded_aux_root())
-    # each method's paper backbone, random weights, on a handful of images
-    large = {"aprilgan": ("ViT-L-14-336", 518), "clipad-sdp-plus": ("ViT-B-16-plus-240", 240)}
+    trainable = [m for m in methods.available() if issubclass(methods.get_class(m), TrainableDetector)]
     rows = []
-    for method in args.methods:
+    for method in args.methods or trainable:
         runs = [tiny]
-        if args.large and method in large:
+        if args.large:  # the paper's backbone and size, random weights, on a handful of images
+            cls = methods.get_class(method)
             few = ensure(
                 zsad_home() / "synthad-bench",
                 seed=3,
@@ -99,7 +104,7 @@ def main() -> None:
                 n_test_good=2,
                 n_test_per_defect=1,
             )
-            runs.append((large[method][0], "random", large[method][1], few))
+            runs.append((cls.default_backbone, "random", cls.default_image_size, few))
         for backbone, weights, size, aux in runs:
             for precision in args.precisions:
                 row = bench(method, backbone, weights, size, aux, precision, args.epochs)

@@ -356,37 +356,33 @@ def test_trained_prompts_localise_held_out_defects(trained, synthad_root, heldou
 
 
 def test_fine_tuning_on_the_target_train_half_raises_pixel_auroc(trained, synthad_root):
-    """methods.md 12.2 on the embedded world: the held-out "wood" test split is split in two halves (seeded,
-    per label); the prompts start from the zero-shot checkpoint and are fine-tuned on one half, both are
-    evaluated on the other. Measured: pixel AUROC 0.544 zero-shot -> 0.770 after 15 epochs. (On "pill",
-    where zero-shot is already 0.857, the same fine-tune drops to 0.793: 15 images overfit.)"""
+    """methods.md 12.2 on the embedded world: the held-out "wood" test split is cut in two halves (seeded,
+    per label; :func:`zsad.data.meta.finetuning_split`); the prompts start from the zero-shot checkpoint
+    (``init_from``) and are fine-tuned on the ``train`` half, both are evaluated on the ``test`` half.
+    Measured: pixel AUROC 0.544 zero-shot -> 0.770 after 15 epochs. (On "pill", where zero-shot is already
+    0.857, the same fine-tune drops to 0.793: 15 images overfit.)"""
     from zsad.data import load_dataset
-    from zsad.data.meta import read_meta, write_meta
-    from zsad.train import train
+    from zsad.data.meta import finetuning_split, read_meta, write_meta
+    from zsad.train import read_config, train
 
     checkpoints, work = trained
-    records = read_meta(synthad_root)["test"]["wood"]
-    rng = np.random.default_rng(0)
-    halves: tuple[list, list] = ([], [])
-    for label in (0, 1):
-        index = rng.permutation([i for i, r in enumerate(records) if int(r["anomaly"]) == label])
-        halves[0].extend(records[i] for i in sorted(index[: len(index) // 2]))
-        halves[1].extend(records[i] for i in sorted(index[len(index) // 2 :]))
-    tune_meta = write_meta({"train": {}, "test": {"wood": halves[0]}}, work / "tune.json")
-    eval_meta = write_meta({"train": {}, "test": {"wood": halves[1]}}, work / "eval.json")
-    assert not {r["img_path"] for r in halves[0]} & {r["img_path"] for r in halves[1]}
+    split, _ = finetuning_split(read_meta(synthad_root), "wood", seed=0)
+    meta = write_meta(split, work / "finetune.json")
     tuned = train(
         "anomalyclip",
         synthad_root,
         work / "tuned",
-        meta=tune_meta,
+        meta=meta,
+        split="train",
         backbone="zsad-tiny",
         epochs=15,
-        init_from=str(checkpoints["glocal"]),
+        init_from=checkpoints["glocal"],
         cache=work / "cache",
         progress=False,
     )
-    target = load_dataset(synthad_root, "test", image_size=128, meta=eval_meta)
+    assert read_config(tuned)["aux"]["split"] == "train"
+    assert read_config(tuned)["aux"]["images"] == len(split["train"]["wood"])
+    target = load_dataset(synthad_root, "test", image_size=128, meta=meta)
     before = held_out_table(checkpoints["glocal"], target).loc["mean", "pixel_auroc"]
     after = held_out_table(tuned, target).loc["mean", "pixel_auroc"]
     assert after > before + 0.1

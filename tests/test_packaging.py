@@ -15,9 +15,12 @@ def _normalise(requirement: str) -> tuple[str, str]:
     return name.lower().replace("_", "-"), spec.replace(" ", "")
 
 
+EXTRAS = ("dev", "ray")  # the extras environment.yml installs too (the Makefile installs .[dev,ray])
+
+
 def _pyproject() -> dict[str, str]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["dev"]
+    reqs = project["dependencies"] + [r for extra in EXTRAS for r in project["optional-dependencies"][extra]]
     return dict(_normalise(r) for r in reqs)
 
 
@@ -30,6 +33,13 @@ def _environment() -> dict[str, str]:
 
 def test_environment_yml_mirrors_pyproject():
     assert _environment() == _pyproject()
+
+
+def test_ray_extra_is_declared_and_installed_by_make():
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(_normalise(r)[0] == "ray" for r in extras["ray"])
+    assert "ray" in _environment()
+    assert ".[dev,ray]" in (ROOT / "Makefile").read_text()
 
 
 def test_python_floor_matches():

@@ -118,6 +118,27 @@ def test_training_is_deterministic_and_resume_equals_one_run(synthad_root, tmp_p
     assert not torch.equal(learned(first)["fc.0.weight"], learned(part)["fc.0.weight"])
 
 
+def test_inverse_epoch_lr_decay_is_per_epoch_and_survives_resume(synthad_root, tmp_path, monkeypatch):
+    """lr_decay="inverse-epoch" (MFP-CLIP's 1/(epoch+1)): epoch e (0-based) runs at lr / (e + 1); a resumed
+    run sets it from the epoch, so it ends where an uninterrupted one does. The default stays constant."""
+    assert resolve_settings(AprilGAN, None).lr_decay == "none"
+    assert [resolve_settings(AprilGAN, None).epoch_lr(e) for e in range(3)] == [1e-3] * 3
+    with pytest.raises(ValueError, match="lr_decay must be one of"):
+        train_mod.TrainSettings(lr_decay="cosine").check()
+    settings = {**AprilGAN.train_settings, "lr_decay": "inverse-epoch"}
+    monkeypatch.setattr(AprilGAN, "train_settings", settings)
+    cache, part = tmp_path / "cache", tmp_path / "part"
+    run(synthad_root, part, cache, epochs=1, batch_size=16)
+    run(synthad_root, tmp_path / "whole", cache, epochs=2, batch_size=16)
+    train("aprilgan", None, part, resume=True, epochs=2, cache=cache, progress=False)
+    for out in (part, tmp_path / "whole"):
+        state = torch.load(out / "train_state.pt", weights_only=True)
+        assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-3 / 2)
+        assert read_config(out)["train"]["lr_decay"] == "inverse-epoch"
+    a, b = learned(part), learned(tmp_path / "whole")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_crash_while_writing_leaves_the_last_checkpoint_whole(synthad_root, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     out = run(synthad_root, tmp_path / "ck", cache, epochs=1, batch_size=16)
@@ -189,3 +210,45 @@ def test_aux_without_anomalies_or_masks_is_a_clear_error(synthad_root, tmp_path)
     write_meta(meta, no_masks)
     with pytest.raises(DataError, match="no pixel masks"):
         run(synthad_root, tmp_path / "b", tmp_path / "cache", meta=no_masks)
+
+
+def test_fine_tuning_starts_from_init_from_and_trains_on_the_train_split(synthad_root, tmp_path):
+    """``init_from`` replaces the random initialisation (lr 1e-30 keeps it to 1e-12) and ``split="train"``
+    reads only the train half that :func:`finetuning_split` cut from the test split."""
+    from zsad.data.meta import finetuning_split
+
+    cache = tmp_path / "cache"
+    start = run(synthad_root, tmp_path / "start", cache, epochs=1, batch_size=32)
+    split, rule = finetuning_split(read_meta(synthad_root), "carpet", seed=3)
+    assert "two seeded halves" in rule
+    tune, held = split["train"]["carpet"], split["test"]["carpet"]
+    assert not {r["img_path"] for r in tune} & {r["img_path"] for r in held}
+    assert {r["img_path"] for r in tune} | {r["img_path"] for r in held} == {
+        r["img_path"] for r in read_meta(synthad_root)["test"]["carpet"]
+    }
+    assert abs(sum(int(r["anomaly"]) for r in tune) - sum(int(r["anomaly"]) for r in held)) <= 1
+    meta = write_meta(split, tmp_path / "finetune.json")
+    options = dict(meta=meta, split="train", classes=["carpet"], init_from=start, epochs=1)
+    frozen = run(synthad_root, tmp_path / "frozen", cache, lr=1e-30, **options)
+    for key, value in learned(start).items():
+        assert (learned(frozen)[key] - value).abs().max() < 1e-12, key
+    tuned = run(synthad_root, tmp_path / "tuned", cache, **options)
+    config = read_config(tuned)
+    assert config["aux"]["split"] == "train" and config["aux"]["images"] == len(tune)
+    assert config["init_from"] == str(start)
+    assert not torch.equal(learned(tuned)["fc.0.weight"], learned(start)["fc.0.weight"])
+    fresh = run(synthad_root, tmp_path / "fresh", cache, **{**options, "init_from": None})
+    assert not torch.equal(learned(fresh)["fc.0.weight"], learned(tuned)["fc.0.weight"])
+
+
+def test_fine_tuning_input_errors_are_clear(synthad_root, tmp_path):
+    from zsad.data.meta import finetuning_split
+
+    with pytest.raises(DataError, match="no anomalous images"):  # SynthAD's own train split is normal-only
+        run(synthad_root, tmp_path / "a", tmp_path / "cache", split="train")
+    with pytest.raises(ValueError, match="split must be"):
+        run(synthad_root, tmp_path / "b", tmp_path / "cache", split="val")
+    with pytest.raises(FileNotFoundError, match="not a zsad checkpoint directory"):
+        run(synthad_root, tmp_path / "c", tmp_path / "cache", init_from=tmp_path)
+    with pytest.raises(DataError, match="not in the test split"):
+        finetuning_split(read_meta(synthad_root), "no-such-class")

@@ -63,13 +63,23 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
     tr = sub.add_parser(
-        "train", help="train a method's learned parts on the TEST split of an auxiliary dataset"
+        "train",
+        help="train a method's learned parts on the TEST split of an auxiliary dataset (or fine-tune on a "
+        "target's labelled train split: --split train --init-from CKPT)",
     )
     tr.add_argument("--method", required=True, help="a method with learned parts, e.g. aprilgan")
     tr.add_argument("--aux", required=True, type=Path, help="auxiliary dataset root (meta.json, with masks)")
     tr.add_argument("--out", required=True, type=Path, help="checkpoint folder")
     tr.add_argument("--meta", type=Path, default=None, help="a meta.json outside AUX")
     tr.add_argument("--classes", default=None, help="comma-separated subset of the auxiliary classes")
+    tr.add_argument(
+        "--split", choices=("test", "train"), default="test", help="split to train on (default: test)"
+    )
+    tr.add_argument(
+        "--init-from",
+        default=None,
+        help="start from a checkpoint folder or an official checkpoint file (fine-tuning)",
+    )
     tr.add_argument(
         "--backbone", default=None, help="open_clip model name or zsad-tiny (default: the paper's)"
     )
@@ -95,6 +105,63 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    pr = sub.add_parser(
+        "predict", help="score single images: a CSV of scores and a heatmap overlay per image"
+    )
+    pr.add_argument("images", nargs="+", type=Path, help="image files")
+    pr.add_argument("--method", required=True, help="method ID (zero-shot, or trained with --checkpoint)")
+    pr.add_argument("--out", required=True, type=Path, help="folder for scores.csv and *_overlay.png")
+    pr.add_argument(
+        "--backbone", default=None, help="open_clip model name or zsad-tiny (default: the paper's)"
+    )
+    pr.add_argument("--weights", default=None, help="open_clip pretrained tag or a local weights file")
+    pr.add_argument("--image-size", type=int, default=None)
+    pr.add_argument("--checkpoint", type=Path, default=None, help="a `zsad train` output folder")
+    pr.add_argument(
+        "--class-name", default="object", help='the object named in the prompts (default "object")'
+    )
+    pr.add_argument("--batch-size", type=int, default=8)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from zsad.plans import is_plan_file
+
+    if not is_plan_file(args.notebook):
+        if args.out is None:
+            raise ValueError("zsad report NOTEBOOK needs --out DIR (the report folder)")
+        if args.only or args.force or args.jobs != 1 or args.executor != "local" or args.address:
+            raise ValueError(
+                "--only/--force/--jobs/--executor/--address are for plans (.yaml), not notebooks"
+            )
+        from zsad.report import parse_value, render_notebook
+
+        params = {name: parse_value(value) for name, value in args.parameter}
+        print(f"wrote {render_notebook(args.notebook, args.out, params)}")
+        return 0
+    if args.parameter:
+        raise ValueError("-p is for a single notebook; a plan sets parameters per run in its YAML")
+    from zsad.plans import format_results, load_plan, run_plan
+
+    plan = load_plan(args.notebook)
+    reports = args.out or Path("reports")
+    results, interrupted = run_plan(
+        plan,
+        reports,
+        only=args.only,
+        force=args.force,
+        jobs=args.jobs,
+        executor=args.executor,
+        address=args.address,
+    )
+    print(format_results(results))
+    print(f"summary: {reports / plan.name / 'summary.md'}; index: {reports / 'index.html'}")
+    if interrupted:
+        print("zsad: interrupted; finished runs are kept, rerun the same command to go on", file=sys.stderr)
+        return 130
+    return 1 if any(r.status == "failed" for r in results) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zsad", description="CLIP-based zero-shot anomaly detection")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -102,9 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_eval(sub)
     _add_train(sub)
     sub.add_parser("methods", help="list the method IDs")
-    rep = sub.add_parser("report", help="execute a notebook with papermill into a report folder (+ HTML)")
-    rep.add_argument("notebook", type=Path)
-    rep.add_argument("--out", required=True, type=Path, help="report folder, e.g. reports/quickstart")
+    rep = sub.add_parser(
+        "report",
+        help="execute a notebook, or a batch plan (YAML), with papermill into report folders (+ HTML)",
+    )
+    rep.add_argument("notebook", type=Path, help="a notebook (.ipynb) or a plan (.yaml, notebooks/plans/)")
+    rep.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="notebook: the report folder (required), e.g. reports/quickstart; plan: the reports root "
+        "(default: reports), runs land in OUT/<plan>/<run>/",
+    )
     rep.add_argument(
         "-p",
         "--parameter",
@@ -112,8 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar=("NAME", "VALUE"),
-        help="notebook parameter (JSON literals are parsed: 518, null, true)",
+        help="notebook parameter (JSON literals are parsed: 518, null, true); not for plans",
     )
+    rep.add_argument("--only", nargs="+", default=None, metavar="NAME", help="plan: run only these runs")
+    rep.add_argument("--force", action="store_true", help="plan: re-execute runs that already finished")
+    rep.add_argument("--jobs", type=int, default=1, help="plan, local executor: runs at a time (default 1)")
+    rep.add_argument(
+        "--executor",
+        default="local",
+        choices=["local", "ray"],
+        help="plan: where runs execute (default local)",
+    )
+    rep.add_argument("--address", default=None, help="plan, ray executor: cluster address (default: local)")
+    _add_predict(sub)
     return parser
 
 
@@ -200,6 +287,8 @@ def _run_train(args: argparse.Namespace) -> int:
         preset=args.preset,
         classes=args.classes.split(",") if args.classes else None,
         meta=args.meta,
+        split=args.split,
+        init_from=args.init_from,
         resume=args.resume,
         overwrite=args.overwrite,
         cache=args.cache,
@@ -221,18 +310,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             return _run_train(args)
         if args.command == "report":
-            from zsad.report import parse_value, render_notebook
+            return _run_report(args)
+        if args.command == "predict":
+            from zsad.predict import run_predict
 
-            params = {name: parse_value(value) for name, value in args.parameter}
-            print(f"wrote {render_notebook(args.notebook, args.out, params)}")
-            return 0
+            return run_predict(args)
         from zsad.methods import available
 
         print("\n".join(available()))
         return 0
     except (ValueError, FileNotFoundError, FileExistsError, BackboneError) as err:
         # User mistakes (bad paths, unknown names, missing weights) end with one readable line, no traceback.
-        print(f"zsad: error: {err}", file=sys.stderr)
+        for line in str(err).splitlines() or [""]:  # a plan lists every problem, one line each
+            print(f"zsad: error: {line}", file=sys.stderr)
         return 2
 
 

@@ -232,3 +232,19 @@ def fit_few_shot(
         detector.fit_few_shot(images, [cls] * k)
         used += [train_dataset[i]["path"] for i in picked]
     return used
+
+
+def sweep(
+    detectors: dict[Any, Detector],
+    dataset: Dataset,
+    metrics_shown: tuple[str, ...] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+    index_name: str = "setting",
+    **evaluate_options: Any,
+) -> tuple[pd.DataFrame, dict[Any, EvalResult]]:
+    """Evaluate one detector per setting on the same dataset: (class-mean table indexed by setting, results).
+
+    Ablation notebooks change one thing at a time; ``evaluate_options`` (e.g. ``cache=True``) apply to all.
+    """
+    results = {name: evaluate(detector, dataset, **evaluate_options) for name, detector in detectors.items()}
+    table = pd.DataFrame({name: r.table.loc["mean", list(metrics_shown)] for name, r in results.items()}).T
+    return table.rename_axis(index_name), results

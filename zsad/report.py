@@ -23,9 +23,7 @@ def render_notebook(
     notebook: str | Path, out_dir: str | Path, parameters: dict[str, Any] | None = None, progress: bool = True
 ) -> Path:
     """Execute ``notebook`` with papermill into ``out_dir``, export HTML beside it, return the HTML path."""
-    import nbformat
     import papermill as pm
-    from nbconvert import HTMLExporter
 
     notebook, out = Path(notebook), Path(out_dir)
     if not notebook.exists():
@@ -36,6 +34,15 @@ def render_notebook(
     pm.execute_notebook(
         str(notebook), str(executed), parameters=params, progress_bar=progress, cwd=str(Path.cwd())
     )
+    return export_html(executed)
+
+
+def export_html(executed: str | Path) -> Path:
+    """Render an executed notebook as HTML beside it (``name.ipynb`` -> ``name.html``); return its path."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    executed = Path(executed)
     body, _ = HTMLExporter().from_notebook_node(nbformat.read(executed, as_version=4))
     html = executed.with_suffix(".html")
     html.write_text(body, encoding="utf-8")

@@ -1,7 +1,9 @@
 """One trainer for every method with learned parts on a frozen CLIP (APRIL-GAN, CLIP-AD SDP+, ...).
 
 Protocol (methods.md 1.3, pitfall 15): train on the **test split of an auxiliary dataset** (it has normal and
-anomalous images with masks), then evaluate zero-shot on a different target dataset.
+anomalous images with masks), then evaluate zero-shot on a different target dataset. Fine-tuning on a target
+that has a labelled training split (TN3K, methods.md 12.2) trains on that ``split="train"`` instead, starting
+from a zero-shot checkpoint (``init_from``), so the target's test split is never read.
 
 What the trainer guarantees:
 
@@ -48,6 +50,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.csv"
+LR_DECAYS = ("none", "inverse-epoch")
 MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
@@ -64,6 +67,9 @@ class TrainSettings:
     mosaic: float = 0.0  # probability that an item is replaced by a 2x2 mosaic of its class
     shuffle: bool = True
     seed: int = 111
+    # Per-epoch learning-rate schedule: "none" (constant) or "inverse-epoch" (lr / (epoch + 1) in the
+    # 0-based epoch, MFP-CLIP's "decay factor 1/(epoch+1)"; a function of the epoch, so resume replays it).
+    lr_decay: str = "none"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def check(self) -> None:
@@ -75,6 +81,12 @@ class TrainSettings:
             raise ValueError(f"optimizer must be 'adam' or 'adamw'; got {self.optimizer!r}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0; got {self.lr}")
+        if self.lr_decay not in LR_DECAYS:
+            raise ValueError(f"lr_decay must be one of {', '.join(LR_DECAYS)}; got {self.lr_decay!r}")
+
+    def epoch_lr(self, epoch: int) -> float:
+        """Learning rate of the 0-based ``epoch``."""
+        return self.lr / (epoch + 1) if self.lr_decay == "inverse-epoch" else self.lr
 
 
 def resolve_settings(cls: type[TrainableDetector], preset: str | None, **overrides: Any) -> TrainSettings:
@@ -180,10 +192,12 @@ class FeatureSource:
             labels[pos] = int(record["anomaly"])
             path = resolve_path(self.dataset.root, record["img_path"])
             per_item[pos] = self.cache.get(self.key, path)
-            item = self.dataset[index]
-            masks[pos] = item["mask"]
             if per_item[pos] is None:
+                item = self.dataset[index]
+                masks[pos] = item["mask"]
                 to_encode.append((pos, item["image"]))
+            else:  # cached features: decode the mask only, never the image
+                masks[pos] = self.dataset.mask(index)
         if to_encode:
             fresh = self.encode(torch.stack([image for _, image in to_encode]))
             for j, (pos, _) in enumerate(to_encode):
@@ -317,6 +331,28 @@ def load_checkpoint(
     return detector
 
 
+def read_learned(path: str | os.PathLike, method_id: str) -> dict[str, torch.Tensor]:
+    """The learned tensors of ``method_id`` from a zsad checkpoint directory (``model.safetensors``) or a
+    released official checkpoint file (the key :data:`zsad.methods.official.OFFICIAL` names; the detector's
+    ``load_learned`` converts the official layout)."""
+    from zsad.methods.official import OFFICIAL, read_official_checkpoint
+
+    path = Path(path)
+    if path.is_dir():
+        config = read_config(path)
+        if config["method"] != method_id:
+            raise ValueError(f"{path} holds a {config['method']!r} checkpoint, not {method_id!r}")
+        if not (path / MODEL_FILE).is_file():
+            raise FileNotFoundError(f"{path} has no {MODEL_FILE}: its training has not completed an epoch")
+        return load_file(str(path / MODEL_FILE))
+    key = OFFICIAL.get(method_id, {}).get("checkpoint_key")
+    if key is None:
+        raise ValueError(
+            f"{path} is not a zsad checkpoint directory, and {method_id} has no official checkpoint format"
+        )
+    return read_official_checkpoint(path, key)
+
+
 def _recorded_backbone(config: dict[str, Any], where: Path):
     """The backbone a checkpoint was trained on, rebuilt from its record; its weights id must match."""
     from zsad.backbone import load_clip
@@ -382,19 +418,24 @@ def train(
     preset: str | None = None,
     classes: list[str] | None = None,
     meta: str | os.PathLike | None = None,
+    split: str = "test",
+    init_from: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
     cache: FeatureCache | str | os.PathLike | None = None,
     progress: bool = True,
     **options: Any,
 ) -> Path:
-    """Train ``method_id`` on the test split of ``aux_root`` and write a checkpoint into ``out_dir``.
+    """Train ``method_id`` on the ``split`` split (default the test split) of ``aux_root`` and write a
+    checkpoint into ``out_dir``.
 
     Settings: the method's paper defaults (``train_settings``), then ``preset`` (e.g. APRIL-GAN's
     "aux-mvtec" / "aux-visa"), then any argument given here. ``options`` go to the detector (e.g.
-    ``layers``). ``cache``: a :class:`FeatureCache` or a folder (default: ``$ZSAD_CACHE``). ``resume``
-    continues an interrupted run in ``out_dir``; ``overwrite`` starts afresh over an existing checkpoint.
-    Returns ``out_dir``.
+    ``layers``). ``split="train"`` with ``init_from`` fine-tunes on a target's labelled training split
+    (methods.md 12.2); ``init_from`` is a zsad checkpoint directory or an official checkpoint file whose
+    learned parts replace the random initialisation. ``cache``: a :class:`FeatureCache` or a folder (default:
+    ``$ZSAD_CACHE``). ``resume`` continues an interrupted run in ``out_dir``; ``overwrite`` starts afresh
+    over an existing checkpoint. Returns ``out_dir``.
     """
     from zsad import methods
 
@@ -429,7 +470,8 @@ def train(
         if epochs is not None:
             settings.epochs = int(epochs)
         aux_root, classes = previous["aux"]["root"], previous["aux"]["classes"]
-        meta = previous["aux"].get("meta")
+        meta, split = previous["aux"].get("meta"), previous["aux"].get("split", "test")
+        init_from = previous.get("init_from")
         backbone = _recorded_backbone(previous, out)
         weights = image_size = None
         options = {**previous["options"], **options}
@@ -448,7 +490,11 @@ def train(
     detector = methods.create(
         cls.method_id, backbone=backbone, weights=weights, image_size=image_size, **options
     )
-    dataset = load_dataset(aux_root, split="test", image_size=detector.image_size, classes=classes, meta=meta)
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
+    if init_from is not None:
+        detector.load_learned(read_learned(init_from, cls.method_id), source=str(init_from))
+    dataset = load_dataset(aux_root, split=split, image_size=detector.image_size, classes=classes, meta=meta)
     check_aux_dataset(dataset)
     optimizer = _make_optimizer(detector.learned.parameters(), settings)
     start, log = 0, []
@@ -465,8 +511,10 @@ def train(
             "root": str(dataset.root),
             "classes": dataset.classes,
             "meta": None if meta is None else str(meta),
+            "split": split,
             "images": len(dataset),
         },
+        "init_from": None if init_from is None else str(init_from),
         "preset": preset,
     }
     feature_cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
@@ -476,6 +524,8 @@ def train(
         started, encoded_before = time.perf_counter(), source.encoder_images
         order = epoch_order(len(dataset), settings.seed, epoch, settings.shuffle)
         rng = np.random.default_rng([settings.seed, epoch])
+        for group in optimizer.param_groups:
+            group["lr"] = settings.epoch_lr(epoch)
         totals: dict[str, float] = {}
         batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
         bar = tqdm(batches, desc=f"{cls.method_id} epoch {epoch + 1}/{settings.epochs}", disable=not progress)

@@ -85,3 +85,94 @@ def per_class_bars(
     ax.tick_params(axis="x", rotation=45)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def metric_bars(
+    table: pd.DataFrame,
+    metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+    title: str = "",
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """Seaborn bars of a settings x metrics table (index: setting, e.g. prompt bank or layer), one hue per
+    setting, metrics side by side; a dashed line at chance (0.5)."""
+    import seaborn as sns
+
+    long = (
+        table[list(metrics)]
+        .rename_axis("setting")
+        .reset_index()
+        .melt(id_vars="setting", var_name="metric", value_name="value")
+    )
+    if ax is None:
+        _, ax = plt.subplots(figsize=(max(6, 0.5 * len(table) * len(metrics)), 3.8))
+    sns.barplot(data=long, x="metric", y="value", hue="setting", ax=ax)
+    ax.axhline(0.5, ls="--", c="grey", lw=0.8)
+    ax.set(ylim=(0, 1), title=title, xlabel="")
+    ax.legend(title=table.index.name or "setting", bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def sweep_lines(
+    table: pd.DataFrame,
+    metrics: Sequence[str] = ("image_auroc", "pixel_auroc", "pixel_aupro"),
+    title: str = "",
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """Seaborn lines of metrics over a numeric sweep (index: the swept value, e.g. sigma or image size)."""
+    import seaborn as sns
+
+    name = table.index.name or "value"
+    long = table[list(metrics)].rename_axis(name).reset_index().melt(id_vars=name, var_name="metric")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    sns.lineplot(data=long, x=name, y="value", hue="metric", marker="o", ax=ax)
+    ax.set(ylim=(0, 1), title=title)
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def pro_curves(
+    masks: np.ndarray | torch.Tensor,
+    maps: np.ndarray | torch.Tensor,
+    fpr_limit: float = 0.3,
+    ax: plt.Axes | None = None,
+) -> Figure:
+    """The per-region-overlap curves of both AUPRO conventions on the same maps, up to ``fpr_limit``:
+    ``cflow`` (200 thresholds between the maps' min and max) and ``exact`` (every distinct score)."""
+    from zsad import metrics
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5, 4))
+    cflow = metrics.cflow_curve(masks, maps)
+    if cflow is not None:
+        _, fpr, pro = cflow
+        keep = fpr <= fpr_limit
+        ax.plot(fpr[keep], pro[keep], "o", ms=3, label=f"cflow ({int(keep.sum())} of {len(fpr)} thresholds)")
+    exact = metrics._exact_curve(*metrics._pixel_inputs(masks, maps), fpr_limit)
+    if exact is not None:
+        fpr, pro = exact
+        ax.plot(fpr, pro, "-", lw=1.2, label=f"exact ({len(fpr)} points)")
+    ax.axvline(fpr_limit, ls="--", c="grey", lw=0.8)
+    ax.set(
+        xlabel="false positive rate",
+        ylabel="per-region overlap",
+        title="PRO curves",
+        xlim=(0, fpr_limit * 1.05),
+    )
+    ax.legend(fontsize=8)
+    return ax.figure
+
+
+def embedding_map(points: pd.DataFrame, ax: plt.Axes | None = None, title: str = "") -> Figure:
+    """Seaborn scatter of 2-D projected sentence embeddings: columns ``x``, ``y``, ``bank`` (hue) and
+    ``state`` (marker)."""
+    import seaborn as sns
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(7, 5))
+    sns.scatterplot(data=points, x="x", y="y", hue="bank", style="state", s=18, alpha=0.75, ax=ax)
+    ax.set(xlabel="PC 1", ylabel="PC 2", title=title)
+    ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
+    ax.figure.tight_layout()
+    return ax.figure

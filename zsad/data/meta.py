@@ -166,3 +166,43 @@ def write_meta(meta: dict[str, Any], path: str | os.PathLike) -> Path:
     tmp.write_text(json.dumps(ordered, indent=4) + "\n", encoding="utf-8")
     os.replace(tmp, target)
     return target
+
+
+def finetuning_split(
+    meta: dict[str, dict[str, list[dict[str, Any]]]], cls: str, seed: int = 0
+) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], str]:
+    """A meta with a labelled ``train`` split to fine-tune on and a disjoint ``test`` split to evaluate on,
+    for class ``cls`` (methods.md 12.2), and a sentence saying which rule made it.
+
+    A target whose train split already holds defective images (TN3K's ``trainval``) keeps its own splits.
+    Otherwise (MVTec-style layouts, SynthAD, Magnetic Tile: the train split is normal-only) the **test** split
+    is cut into two seeded halves, per label, so each half has half of the normal and half of the defective
+    images: the first becomes ``train``, the second ``test``. No image is in both.
+    """
+    if cls not in meta["test"]:
+        raise DataError(f"class {cls!r} is not in the test split; classes: {', '.join(sorted(meta['test']))}")
+    own_train = meta["train"].get(cls, [])
+    if any(int(r["anomaly"]) for r in own_train):
+        split = {"train": {cls: own_train}, "test": {cls: meta["test"][cls]}}
+        rule = "the dataset's own train split (fine-tuning) and test split (evaluation)"
+    else:
+        import numpy as np
+
+        records = meta["test"][cls]
+        rng = np.random.default_rng(seed)
+        halves: tuple[list[dict[str, Any]], list[dict[str, Any]]] = ([], [])
+        for label in (0, 1):
+            index = rng.permutation([i for i, r in enumerate(records) if int(r["anomaly"]) == label])
+            halves[0].extend(records[i] for i in sorted(index[: len(index) // 2]))
+            halves[1].extend(records[i] for i in sorted(index[len(index) // 2 :]))
+        split = {"train": {cls: halves[0]}, "test": {cls: halves[1]}}
+        rule = (
+            f"the train split has no defects, so the test split is cut in two seeded halves (seed {seed}, "
+            "per label): one for fine-tuning, the other for evaluation"
+        )
+    tune = {r["img_path"] for r in split["train"][cls]}
+    if tune & {r["img_path"] for r in split["test"][cls]}:
+        raise DataError(
+            f"class {cls!r}: the train and test splits share images; fine-tuning would see test images"
+        )
+    return split, rule

@@ -41,14 +41,11 @@ AnomalyCLIP runs the OpenAI weights with QuickGELU and does not round them (13.1
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from torch import nn
 
 from zsad.backbone import AttnPath, CLIPBackbone
@@ -113,17 +110,6 @@ def official_to_learned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def read_prompts(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Learned prompts from a zsad checkpoint directory (``model.safetensors``) or an official ``.pth``."""
-    from zsad.methods.official import read_official_checkpoint
-    from zsad.train import MODEL_FILE
-
-    path = Path(path)
-    if path.is_dir():
-        return load_file(str(path / MODEL_FILE))
-    return read_official_checkpoint(path, "prompt_learner")
-
-
 def state_probs(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """softmax over {normal, abnormal} of cos / 0.07: tokens (B, N, D), text (B, D, 2) unit columns ->
     (B, N, 2) (official ``compute_similarity``, methods.md 5.3)."""
@@ -155,8 +141,6 @@ class AnomalyCLIP(TrainableDetector):
         cls_ln_post: False (official) = CLS @ proj without ``ln_post``; True = CLIP's pooled embedding.
         deep_prompt_fp16: round the deep text tokens through fp16 (official quirk, default False).
         precision: "fp32" (default) or "bf16" (autocast of the frozen image tower).
-        init_from: start the prompts from a trained checkpoint instead of N(0, 0.02): a zsad checkpoint
-            directory or an official ``epoch_15.pth`` (fine-tuning on a target, methods.md 12.2).
     """
 
     method_id: ClassVar[str] = "anomalyclip"
@@ -193,7 +177,6 @@ class AnomalyCLIP(TrainableDetector):
         cls_ln_post: bool = False,
         deep_prompt_fp16: bool = False,
         precision: str = "fp32",
-        init_from: str | None = None,
     ) -> None:
         n_layers = backbone.num_layers
         layers = (n_layers,) if layers is None else tuple(int(x) for x in layers)
@@ -227,13 +210,10 @@ class AnomalyCLIP(TrainableDetector):
             cls_ln_post=bool(cls_ln_post),
             deep_prompt_fp16=bool(deep_prompt_fp16),
             precision=check_precision(precision),
-            **({} if init_from is None else {"init_from": str(init_from)}),
         )
         self.layers = layers
         self.attn_path = AttnPath(mode=dpam, variant="residual", start_block=dpam_start, replace_cls=False)
         self.learned = PromptLearner(backbone.text_width, int(n_ctx), int(t_n_ctx), depth)
-        if init_from is not None:
-            self.load_learned(read_prompts(init_from), str(init_from))
 
     # ------------------------------------------------------------------------------------------ text
     def template_ids(self, object_word: str = "object") -> torch.Tensor:
