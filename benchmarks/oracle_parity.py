@@ -211,7 +211,60 @@ def anomalyclip(root: Path, z) -> dict[str, float]:
     return out
 
 
-METHODS = {"aprilgan": aprilgan, "clipad": clipad, "anomalyclip": anomalyclip}
+def adaclip(root: Path, z) -> dict[str, float]:
+    """test.py defaults (hybrid prompts, depth 4, length 5, HSF K=20 on one k-means stream seeded 111,
+    sigma 4); the official evaluation's batches of 1 replayed as one batch of 3 (the stream runs in order)."""
+    from zsad.methods.heads import token_logits
+    from zsad.methods.hsf import released_hsf
+
+    detector = from_official(
+        "adaclip",
+        checkpoint=root / "checkpoints/adaclip/adaclip_oracle.pth",
+        weights=root / "weights/ViT-L-14-336_seed0.pt",
+    )
+    out = Stages()
+    images = torch.from_numpy(z["input_images"])
+    names = [str(c) for c in z["class_names"]]
+    out["visual_pos_embed (bicubic, no aa)"] = diff(
+        detector.backbone.model.visual.positional_embedding, z["visual_pos_embed"]
+    )
+    with torch.no_grad():
+        feats = detector.extract_features(images)
+        visual_dyn, text_dyn = detector.dynamic_prompts(feats["pooled0"])
+        out["dynamic_visual_prompts"] = diff(visual_dyn, z["dynamic_visual_prompts"])
+        out["dynamic_text_prompts"] = diff(text_dyn, z["dynamic_text_prompts"])
+        prompted = detector.backbone.encode_image(
+            images[:1], layers=detector.layers, visual_prompts=detector.visual_prompts(visual_dyn[:1])
+        )
+        for layer in detector.layers:
+            out[f"patch_tokens_raw_L{layer}_img0"] = diff(
+                prompted.tokens[layer][0], z[f"patch_tokens_raw_L{layer}_img0"]
+            )
+        tokens, g, text = detector.forward_features(feats, names)
+        out["image_features_pooled"] = diff(
+            detector.backbone.encode_image(images, visual_prompts=detector.visual_prompts(visual_dyn)).pooled,
+            z["image_features_pooled"],
+        )
+        for layer, t in zip(detector.layers, tokens, strict=True):
+            out[f"proj_patch_tokens_L{layer}_img0"] = diff(t[0], z[f"proj_patch_tokens_L{layer}_img0"])
+        out["proj_cls_tokens"] = diff(g, z["proj_cls_tokens"])
+        out["text_features (prompted, per image)"] = diff(text, z["text_features"])
+        logits = [token_logits(t, text) for t in tokens]
+        out["token_logits"] = diff(torch.stack(logits, dim=1), z["token_logits"])
+        detector.reset_kmeans_rng()  # the official stream starts at setup_seed(111)
+        hsf, labels = released_hsf(tokens, logits, detector._rng_for(), detector.options["hsf_clusters"])
+        mismatches = sum(int((a != b).sum()) for a, b in zip(labels, z["kmeans_labels"], strict=True))
+        out["kmeans_labels (mismatches)"] = float(mismatches)
+        out["hsf_feature"] = diff(hsf, z["hsf_feature"])
+        out["anomaly_maps_presmooth"] = diff(detector.unsmoothed_map(logits), z["anomaly_maps_presmooth"])
+        detector.reset_kmeans_rng()
+        scores, maps = detector.predict_features(feats, names)
+        out["anomaly_maps"] = diff(maps, z["anomaly_maps"])
+        out["image_scores"] = diff(scores, z["image_scores"])
+    return out
+
+
+METHODS = {"aprilgan": aprilgan, "clipad": clipad, "anomalyclip": anomalyclip, "adaclip": adaclip}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,11 +9,13 @@ from zsad.methods.base import Detector
 
 # method ID -> "module:Class"; modules import lazily so that listing methods stays cheap.
 _REGISTRY: dict[str, str] = {
+    "adaclip": "zsad.methods.adaclip:AdaCLIP",
     "anomalyclip": "zsad.methods.anomalyclip:AnomalyCLIP",
     "aprilgan": "zsad.methods.aprilgan:AprilGAN",
     "clip": "zsad.methods.clip_baseline:CLIPBaseline",
     "clipad-sdp": "zsad.methods.clipad_sdp:ClipADSDP",
     "clipad-sdp-plus": "zsad.methods.clipad_sdp_plus:ClipADSDPPlus",
+    "mfpclip": "zsad.methods.mfpclip:MFPCLIP",
     "winclip": "zsad.methods.winclip:WinCLIP",
     "winclip-fewshot": "zsad.methods.winclip:WinCLIPPlus",
 }

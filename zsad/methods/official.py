@@ -29,6 +29,15 @@ clipad-sdp-plus    fp16 (``text_precision="fp16-official"``) [fp32]; stored orig
                    (``minmax-sum``) [``global``]. SDP+ checkpoint
                    ``pretrained_models/train_on_{mvtec,visa}.pth``: ``{"linear_layers": {"fc.<i>.weight":
                    (640, 896), "fc.<i>.bias": (640,)}}`` for i = 0..3 (layers 3/6/9/12).
+adaclip            ViT-L-14-336 ``openai`` at 518 built **without QuickGELU** (exact GELU, as its model JSON;
+                   [QuickGELU]); positional embedding resized **bicubic without antialias** [with antialias];
+                   Conv/Linear/attention/projection weights passed through fp16 as open_clip's OpenAI loader
+                   does (a no-op on the real fp16 file); every prompt rounded through fp16 (``prompt_fp16``)
+                   [fp32]; HSF k-means on one RandomState(111) shared by the images in order
+                   (``kmeans_rng="shared"``) [a fresh RandomState(111) per image]. Checkpoint: the file
+                   ``AdaCLIP_Trainer.save()`` writes, a flat dict of 38 ``clip_model.<part>...`` tensors
+                   (text/visual ``static_prompts.<0..3>``, ``patch_token_layer.head.<0..3>``,
+                   ``cls_token_layer.head.0``, ``dynamic_{visual,text}_prompt_generator.head.<0..4>``).
 winclip            No official code exists; anomalib's implementation stands in: ViT-B-16-plus-240
                    ``laion400m_e31`` at 240, its 21-template bank, raw (un-normalised) sentence embeddings
                    averaged [the paper's 22 templates, normalised sentences].
@@ -89,10 +98,20 @@ OFFICIAL["anomalyclip"] = {
     "checkpoint_key": "prompt_learner",
 }
 OFFICIAL["clipad-sdp-plus"] = {**OFFICIAL["clipad-sdp"], "checkpoint_key": "linear_layers"}
+# AdaCLIP saves a flat state dict; a checkpoint key ending in "." names the prefix of its keys.
+OFFICIAL["adaclip"] = {
+    "backbone": "ViT-L-14-336",
+    "weights": "openai",
+    "image_size": 518,
+    "load": {"interpolation": "bicubic", "antialias": False, "quick_gelu": False, "round_fp16": True},
+    "options": {"prompting": "hybrid", "hsf": "released", "prompt_fp16": True, "kmeans_rng": "shared"},
+    "checkpoint_key": "clip_model.",
+}
 
 
 def read_official_checkpoint(path: str | os.PathLike, key: str) -> dict[str, torch.Tensor]:
-    """The learned tensors of a released checkpoint: ``torch.load(weights_only=True)[key]``."""
+    """The learned tensors of a released checkpoint: ``torch.load(weights_only=True)[key]``; a ``key`` ending
+    in "." reads a flat state dict whose keys all start with it (AdaCLIP), the prefix removed."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"official checkpoint not found: {path}")
@@ -100,6 +119,15 @@ def read_official_checkpoint(path: str | os.PathLike, key: str) -> dict[str, tor
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {type(err).__name__}: {err}") from err
+    if key.endswith("."):
+        flat = isinstance(blob, dict) and blob and all(str(k).startswith(key) for k in blob)
+        if not flat or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+            found = sorted(blob)[:4] if isinstance(blob, dict) else type(blob).__name__
+            raise ValueError(
+                f"{path} is not in the official format: expected a flat dict of '{key}...' tensors, "
+                f"found {found}"
+            )
+        return {k[len(key) :]: v.float() for k, v in blob.items()}
     if not isinstance(blob, dict) or key not in blob or not isinstance(blob[key], dict):
         found = sorted(blob) if isinstance(blob, dict) else type(blob).__name__
         raise ValueError(f"{path} is not in the official format: expected a dict with {key!r}, found {found}")
