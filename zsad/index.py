@@ -18,15 +18,8 @@ from typing import Any
 
 import pandas as pd
 
-METRICS = (
-    "image_auroc",
-    "image_ap",
-    "image_f1_max",
-    "pixel_auroc",
-    "pixel_ap",
-    "pixel_f1_max",
-    "pixel_aupro",
-)
+from zsad.evaluate import COLUMNS as METRICS
+
 INFO = ("method", "backbone", "weights", "dataset", "aupro_convention")
 SUMMARY_COLUMNS = ("run", "status", *INFO, *METRICS)
 _TAG = re.compile(r"<[^>]+>|\*\*|`")
