@@ -190,6 +190,18 @@ def test_training_free_methods_are_refused(synthad_root, tmp_path):
         train("winclip", synthad_root, tmp_path / "x")
 
 
+def test_an_option_the_method_lacks_is_named_before_anything_loads(synthad_root, tmp_path):
+    """``lam`` is AnomalyCLIP's; MFP-CLIP has none. SDP+ takes SDP's options through ``**options``."""
+    from zsad import methods
+
+    with pytest.raises(ValueError, match=r"mfpclip has no option 'lam'; its options: layers, i2tp"):
+        train("mfpclip", synthad_root, tmp_path / "x", backbone="zsad-tiny", lam=1.0)
+    assert not (tmp_path / "x").exists()
+    assert "legacy_aliasing" in methods.option_names(methods.get_class("clipad-sdp-plus"))
+    with pytest.raises(ValueError, match="clipad-sdp-plus has no option 'dpam'"):
+        methods.create("clipad-sdp-plus", "zsad-tiny", dpam="vv")
+
+
 def _meta_subset(root, tmp_path, keep):
     meta = read_meta(root / "meta.json")
     test = {c: [dict(r) for r in meta["test"][c] if keep(r)] for c in AUX_CLASSES}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any
 
 from zsad.methods.base import Detector
@@ -34,6 +35,33 @@ def get_class(method_id: str) -> type[Detector]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def option_names(cls: type[Detector]) -> list[str] | None:
+    """The keyword options a detector class accepts, following ``**options`` up to the class that names
+    them (e.g. SDP+ takes SDP's); None when they end at :class:`Detector`, which takes any."""
+    names: list[str] = []
+    for klass in cls.__mro__:
+        if "__init__" not in vars(klass):
+            continue
+        if klass is Detector:
+            return None
+        parameters = list(inspect.signature(klass.__init__).parameters.values())[2:]  # after self, backbone
+        names += [p.name for p in parameters if p.kind is not p.VAR_KEYWORD and p.name not in names]
+        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
+            return names
+    return None
+
+
+def check_options(cls: type[Detector], options: dict[str, Any]) -> None:
+    """A clear error for an option the method does not have (before any weights load), not a TypeError."""
+    accepted = option_names(cls)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise ValueError(
+            f"{cls.method_id} has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(accepted)}"
+        )
+
+
 def create(
     method_id: str,
     backbone: Any = None,
@@ -49,6 +77,7 @@ def create(
     from zsad.backbone import CLIPBackbone, default_weights_for, load_clip
 
     cls = get_class(method_id)
+    check_options(cls, options)
     if isinstance(backbone, CLIPBackbone):
         if weights is not None or image_size is not None:
             raise ValueError("pass weights/image_size to load_clip, not with an already loaded backbone")

@@ -59,7 +59,7 @@ from torch import nn
 from zsad.backbone import CLIPBackbone
 from zsad.losses import focal_loss, layer_losses
 from zsad.methods.aprilgan import quarter_layers
-from zsad.methods.base import TrainableDetector, check_precision
+from zsad.methods.base import TrainableDetector, check_choice, check_layers, check_precision, check_sigma
 from zsad.methods.clipad_sdp import smooth_maps
 from zsad.methods.heads import LOGIT_SCALE, token_logits, upsampled_probs
 from zsad.methods.hsf import (
@@ -199,11 +199,8 @@ class AdaCLIP(TrainableDetector):
         prompt_fp16: bool = False,
         precision: str = "fp32",
     ) -> None:
-        layers = quarter_layers(backbone.num_layers) if layers is None else tuple(int(x) for x in layers)
-        if prompting not in PROMPTINGS:
-            raise ValueError(f"prompting={prompting!r} is not one of {', '.join(PROMPTINGS)}")
-        if not layers or any(not 1 <= x <= backbone.num_layers for x in layers):
-            raise ValueError(f"layers must be 1-based blocks in 1..{backbone.num_layers}; got {list(layers)}")
+        layers = check_layers(layers, backbone.num_layers, default=quarter_layers(backbone.num_layers))
+        check_choice("prompting", prompting, PROMPTINGS)
         depth_limit = min(backbone.num_layers, backbone.num_text_layers)
         if not 1 <= int(prompt_depth) <= depth_limit:
             raise ValueError(
@@ -214,16 +211,12 @@ class AdaCLIP(TrainableDetector):
             raise ValueError(
                 f"prompt_length must be in 1..{backbone.context_length - 2}; got {prompt_length}"
             )
-        if hsf not in HSF_MODES:
-            raise ValueError(f"hsf={hsf!r} is not one of {', '.join(HSF_MODES)}")
-        if kmeans_rng not in KMEANS_RNGS:
-            raise ValueError(f"kmeans_rng={kmeans_rng!r} is not one of {', '.join(KMEANS_RNGS)}")
+        check_choice("hsf", hsf, HSF_MODES)
+        check_choice("kmeans_rng", kmeans_rng, KMEANS_RNGS)
         if int(hsf_clusters) < 1 or not 0.0 <= float(hsf_alpha) <= 1.0:
             raise ValueError(
                 f"need hsf_clusters >= 1 and 0 <= hsf_alpha <= 1; got {hsf_clusters}, {hsf_alpha}"
             )
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0 (0 disables smoothing); got {sigma}")
         super().__init__(
             backbone,
             prompting=prompting,
@@ -235,7 +228,7 @@ class AdaCLIP(TrainableDetector):
             hsf_alpha=float(hsf_alpha),
             kmeans_rng=kmeans_rng,
             kmeans_seed=int(kmeans_seed),
-            sigma=float(sigma),
+            sigma=check_sigma(sigma),
             replace_underscores=bool(replace_underscores),
             prompt_fp16=bool(prompt_fp16),
             precision=check_precision(precision),

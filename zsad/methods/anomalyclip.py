@@ -50,7 +50,14 @@ from torch import nn
 
 from zsad.backbone import AttnPath, CLIPBackbone
 from zsad.losses import cross_entropy, layer_losses
-from zsad.methods.base import TrainableDetector, check_precision, upsample_grid
+from zsad.methods.base import (
+    TrainableDetector,
+    check_choice,
+    check_layers,
+    check_precision,
+    check_sigma,
+    upsample_grid,
+)
 from zsad.methods.clipad_sdp import smooth_maps
 from zsad.prompts import class_phrase
 
@@ -179,19 +186,13 @@ class AnomalyCLIP(TrainableDetector):
         precision: str = "fp32",
     ) -> None:
         n_layers = backbone.num_layers
-        layers = (n_layers,) if layers is None else tuple(int(x) for x in layers)
+        layers = check_layers(layers, n_layers, default=(n_layers,))
         dpam_start = default_dpam_start(n_layers) if dpam_start is None else int(dpam_start)
         depth = min(int(depth), backbone.num_text_layers)
-        if not layers or any(not 1 <= x <= n_layers for x in layers):
-            raise ValueError(f"layers must be 1-based blocks in 1..{n_layers}; got {list(layers)}")
-        if dpam not in DPAM_MODES:
-            raise ValueError(f"dpam={dpam!r} is not one of {', '.join(DPAM_MODES)}")
+        check_choice("dpam", dpam, DPAM_MODES)
         if not 1 <= dpam_start <= n_layers:
             raise ValueError(f"dpam_start must be a block in 1..{n_layers}; got {dpam_start}")
-        if loss not in LOSSES:
-            raise ValueError(f"loss={loss!r} is not one of {', '.join(LOSSES)}")
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0 (0 disables smoothing); got {sigma}")
+        check_choice("loss", loss, LOSSES)
         if n_ctx < t_n_ctx or t_n_ctx < 1 or depth < 1:
             raise ValueError(f"need n_ctx >= t_n_ctx >= 1 and depth >= 1; got {n_ctx}, {t_n_ctx}, {depth}")
         super().__init__(
@@ -206,7 +207,7 @@ class AnomalyCLIP(TrainableDetector):
             replace_underscores=bool(replace_underscores),
             loss=loss,
             lam=float(lam),
-            sigma=float(sigma),
+            sigma=check_sigma(sigma),
             cls_ln_post=bool(cls_ln_post),
             deep_prompt_fp16=bool(deep_prompt_fp16),
             precision=check_precision(precision),

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
 from zsad.losses import layer_losses
-from zsad.methods.base import TrainableDetector, check_precision
+from zsad.methods.base import TrainableDetector, check_choice, check_layers, check_precision
 from zsad.methods.heads import LOGIT_SCALE, LinearHeads, token_logits, upsampled_probs
 from zsad.methods.memory_bank import PatchMemory, upsample_sum
 from zsad.prompts import class_phrase, text_features
@@ -102,11 +102,8 @@ class AprilGAN(TrainableDetector):
         replace_underscores: bool = False,
         precision: str = "fp32",
     ) -> None:
-        layers = quarter_layers(backbone.num_layers) if layers is None else tuple(int(x) for x in layers)
-        if not layers or any(not 1 <= x <= backbone.num_layers for x in layers):
-            raise ValueError(f"layers must be 1-based blocks in 1..{backbone.num_layers}; got {list(layers)}")
-        if image_score not in IMAGE_SCORES:
-            raise ValueError(f"image_score={image_score!r} is not one of {', '.join(IMAGE_SCORES)}")
+        layers = check_layers(layers, backbone.num_layers, default=quarter_layers(backbone.num_layers))
+        check_choice("image_score", image_score, IMAGE_SCORES)
         super().__init__(
             backbone,
             layers=list(layers),

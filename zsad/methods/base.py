@@ -7,6 +7,7 @@ Notebooks, the evaluator and the CLI only ever talk to this interface.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -37,6 +38,30 @@ def check_precision(precision: str) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     return precision
+
+
+# Option checks shared by the methods' constructors: a user's typo fails here with the option's name, not
+# later inside torch.
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming the option and the choices."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def check_layers(layers: Sequence[int] | None, num_layers: int, default: Sequence[int]) -> tuple[int, ...]:
+    """1-based ViT block indices (``default`` when None), each in 1..``num_layers``."""
+    picked = tuple(default) if layers is None else tuple(int(x) for x in layers)
+    if not picked or any(not 1 <= x <= num_layers for x in picked):
+        raise ValueError(f"layers must be 1-based blocks in 1..{num_layers}; got {list(picked)}")
+    return picked
+
+
+def check_sigma(sigma: float) -> float:
+    """Gaussian smoothing of the maps in pixels; 0 disables it."""
+    if sigma < 0:
+        raise ValueError(f"sigma must be >= 0 (0 disables smoothing); got {sigma}")
+    return float(sigma)
 
 
 class Detector:

@@ -56,7 +56,14 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from zsad.backbone import AttnPath, CLIPBackbone, ImageFeatures
-from zsad.methods.base import Detector, check_precision, upsample_grid
+from zsad.methods.base import (
+    Detector,
+    check_choice,
+    check_layers,
+    check_precision,
+    check_sigma,
+    upsample_grid,
+)
 from zsad.prompts import (
     DBSCAN_SETTINGS,
     REDUCERS,
@@ -162,7 +169,7 @@ def representative_vector(
     rounding midpoint, hence float32 here. The official mean reducer stays in the text encoder's dtype (fp32
     on CPU), so "mean" is the same under both precisions.
     """
-    _check_choice("text_precision", text_precision, TEXT_PRECISIONS)
+    check_choice("text_precision", text_precision, TEXT_PRECISIONS)
     if text_precision == "fp32" or rvs == "mean":
         return reduce_sentences(embeddings, rvs, **reducer_options)
     x = embeddings.detach().float().cpu().numpy()
@@ -218,16 +225,12 @@ class ClipADSDP(Detector):
         num_layers = backbone.num_layers
         num_stages = default_num_stages(num_layers) if num_stages is None else int(num_stages)
         ends = stage_ends(num_layers, num_stages)
-        layers = ends if layers is None else tuple(int(layer) for layer in layers)
-        _check_choice("rvs", rvs, tuple(REDUCERS))
-        _check_choice("dbscan_preset", dbscan_preset, tuple(DBSCAN_SETTINGS))
-        _check_choice("image_score", image_score, IMAGE_SCORES)
-        _check_choice("text_precision", text_precision, TEXT_PRECISIONS)
+        layers = check_layers(layers, num_layers, default=ends)
+        check_choice("rvs", rvs, tuple(REDUCERS))
+        check_choice("dbscan_preset", dbscan_preset, tuple(DBSCAN_SETTINGS))
+        check_choice("image_score", image_score, IMAGE_SCORES)
+        check_choice("text_precision", text_precision, TEXT_PRECISIONS)
         get_bank(bank)
-        if not layers or any(not 1 <= layer <= num_layers for layer in layers):
-            raise ValueError(f"layers must be 1-based block indices in 1..{num_layers}; got {list(layers)}")
-        if sigma < 0:
-            raise ValueError(f"sigma must be >= 0 (0 disables smoothing); got {sigma}")
         if image_score == "minmax-sum":
             warnings.warn(
                 "image_score='minmax-sum' is transductive: predict() returns the raw sum global + max; apply "
@@ -248,7 +251,7 @@ class ClipADSDP(Detector):
             dbscan_eps=dbscan["eps"],
             dbscan_min_samples=dbscan["min_samples"],
             surgery=bool(surgery),
-            sigma=float(sigma),
+            sigma=check_sigma(sigma),
             image_score=image_score,
             text_precision=text_precision,
             bank=bank,
@@ -384,8 +387,3 @@ class ClipADSDP(Detector):
         out = scores.copy()
         out["score"] = transductive_scores(out["global"], out["max"], out["cls_name"])
         return out
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(choices)}")

@@ -71,7 +71,7 @@ from torch import nn
 from zsad.backbone import CLIPBackbone
 from zsad.losses import binary_cross_entropy, layer_losses
 from zsad.methods.aprilgan import quarter_layers
-from zsad.methods.base import TrainableDetector, check_precision
+from zsad.methods.base import TrainableDetector, check_layers, check_precision
 from zsad.methods.heads import LOGIT_SCALE, LinearHeads, token_logits, upsampled_probs
 from zsad.methods.local_cnn import LEVELS, LocalCNN, load_local_cnn
 from zsad.prompts import class_phrase, text_features
@@ -206,9 +206,7 @@ class MFPCLIP(TrainableDetector):
         precision: str = "fp32",
     ) -> None:
         n_layers = backbone.num_layers
-        layers = quarter_layers(n_layers) if layers is None else tuple(int(x) for x in layers)
-        if not layers or any(not 1 <= x <= n_layers for x in layers):
-            raise ValueError(f"layers must be 1-based blocks in 1..{n_layers}; got {list(layers)}")
+        layers = check_layers(layers, n_layers, default=quarter_layers(n_layers))
         if isinstance(mpfa_n, bool) or not isinstance(mpfa_n, int) or mpfa_n < 1 or mpfa_n % 2 == 0:
             raise ValueError(f"mpfa_n (MPFA window N) must be a positive odd integer; got {mpfa_n!r}")
         starts = stage_starts(n_layers)
