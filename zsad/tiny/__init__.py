@@ -32,7 +32,6 @@ AUX_SETS: dict[str, dict[str, int]] = {
     "quick": {"seed": 2, "n_train": 2, "n_test_good": 12, "n_test_per_defect": 6},
     "paper-size": {"seed": 2, "n_train": 2, "n_test_good": 48, "n_test_per_defect": 24},
 }
-AUX_SET = AUX_SETS["quick"]
 
 # A larger test split than SynthAD's default (12 good + 18 defective images per class), so that AUROCs on
 # it are not decided by a handful of images: the card's zero-shot figures and the held-out comparisons.
