@@ -39,7 +39,7 @@ from zsad import methods
 from zsad.data import load_dataset
 from zsad.data.synth import ensure
 from zsad.methods.base import TrainableDetector
-from zsad.train import load_checkpoint, read_log, train
+from zsad.train import load_checkpoint, read_config, read_log, train
 
 
 def peak_rss_mb() -> float:
@@ -88,7 +88,7 @@ def bench(method: str, variant: tuple[str, dict], run: dict, precision: str, arg
             precision=precision,
             **options,
         )
-        log = read_log(out)
+        log, settings = read_log(out), read_config(out)["train"]
         detector = load_checkpoint(out)
         test = load_dataset(run["aux"], split="test", image_size=detector.image_size, classes=run["classes"])
         count = min(max(args.infer_batches), len(test))
@@ -109,7 +109,7 @@ def bench(method: str, variant: tuple[str, dict], run: dict, precision: str, arg
         "size": detector.image_size,
         "precision": precision,
         "aux_images": len(test),
-        "batch": args.batch_size or methods.get_class(method).train_settings.get("batch_size", 1),
+        "batch": settings["batch_size"],
         "epoch1_s": round(first, 2),
         "later_epoch_s": round(cached, 3),
         "ratio": round(first / cached, 1),
