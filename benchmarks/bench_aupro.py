@@ -3,7 +3,7 @@
 Not a test. It times
 
 - cflow: the per-threshold loop of the official ``cal_pro_score`` (relabel every mask with skimage at each of
-  the ~200 thresholds, methods.md 1.5) against :func:`zsad.metrics.aupro_cflow`;
+  the ~200 thresholds, docs/methods.md §1.5) against :func:`zsad.metrics.aupro_cflow`;
 - exact: a plain anomalib-style computation (one arg-sort of every pixel, cumulative sums) against
   :func:`zsad.metrics.aupro_exact`;
 - optionally (``--sklearn``) sklearn's pixel AUROC / AP / PR curve against

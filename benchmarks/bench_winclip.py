@@ -1,4 +1,4 @@
-"""Benchmark: WinCLIP throughput on this CPU and the vectorised harmonic aggregation (methods.md 2.3).
+"""Benchmark: WinCLIP throughput on this CPU and the vectorised harmonic aggregation (docs/methods.md §2.3).
 
 Not a test. It times
 

@@ -33,11 +33,14 @@ def synthad_root() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_random():
-    """zsad-tiny architecture with seeded random weights: for wiring and faithfulness tests."""
+    """zsad-tiny architecture with seeded random weights and random LayerNorms (so that a swapped or
+    skipped norm shows): for wiring and faithfulness tests."""
+    from references import jitter_layernorms
+
     from zsad.backbone import load_clip
 
     torch.manual_seed(0)
-    return load_clip("zsad-tiny", pretrained="random")
+    return jitter_layernorms(load_clip("zsad-tiny", pretrained="random"))
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 The notebook needs no model: it shows a weights/data header, optionally fails on purpose, and writes a
 ``metrics.csv`` and a figure into ``out_dir``, so a run costs one kernel start (seconds), not a model.
-It is written into the test's temporary folder, never into ``tests/`` (nbval would collect it).
+It is written into the test's temporary folder, never into ``tests/``, so no run picks it up as a notebook.
 """
 
 from __future__ import annotations

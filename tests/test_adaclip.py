@@ -1,12 +1,12 @@
-"""AdaCLIP against references written from methods.md 6 (fp32, max |diff| < 1e-4), stage by stage: prompt
-insertion in both towers, dynamic generators, hybrid prompts, projection heads, the prompted text ensemble,
-the map formula and HSF; plus batching (batch 8 = 8 x batch 1), the official checkpoint format, clear
-errors and the behaviour on the embedded world (trained on SynthAD seen categories, evaluated on held-out
-ones).
+"""AdaCLIP against references written from docs/methods.md §6 (fp32, max |diff| < 1e-4), stage by stage:
+prompt insertion in both towers, dynamic generators, hybrid prompts, projection heads, the prompted text
+ensemble, the map formula and HSF; plus batching (batch 8 = 8 x batch 1), the official checkpoint format,
+clear errors and the behaviour on the embedded world (trained on SynthAD seen categories, evaluated on
+held-out ones).
 
 The references re-implement the CLIP towers in numpy from open_clip's weights (LayerNorms jittered so that a
 swapped or skipped norm shows) and never call zsad's forwards. HSF's k-means is sklearn's KMeans in both, as
-the official code uses (methods.md 6.2): the reference checks the fusion around it, not sklearn.
+the official code uses (docs/methods.md §6.2): the reference checks the fusion around it, not sklearn.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from references import bilinear_matrix_aligned
+from references import bilinear_matrix_aligned, dice_loss_np, focal_loss_np
 from scipy.ndimage import gaussian_filter
 from scipy.special import erf
 from sklearn.cluster import KMeans
@@ -79,9 +79,9 @@ def block(x, blk, causal=False):
 
 
 def np_vision(model, image, prompts, taps):
-    """methods.md 6.1, image tower, 0-based blocks as the official loop: before block 0 the prompt tokens are
-    appended at the end; before blocks 1..depth-1 the last n tokens are replaced; every later block keeps
-    them. Returns (raw tokens per tap without CLS and prompts, ln_post(CLS) @ proj)."""
+    """docs/methods.md §6.1, image tower, 0-based blocks as the official loop: before block 0 the prompt
+    tokens are appended at the end; before blocks 1..depth-1 the last n tokens are replaced; every later block
+    keeps them. Returns (raw tokens per tap without CLS and prompts, ln_post(CLS) @ proj)."""
     visual = model.visual
     w = np_(visual.conv1.weight)
     width, _, p, _ = w.shape
@@ -119,7 +119,7 @@ def linear(x, fc):
 
 def reference_text(det, class_name, prompts):
     """(D, 2): 7 normal / 5 abnormal states x the 4 AdaCLIP templates, each sentence normalised, averaged,
-    normalised (methods.md 1.2), through the prompted text tower."""
+    normalised (docs/methods.md §1.2), through the prompted text tower."""
     columns = []
     for states in (NORMAL, ABNORMAL):
         sentences = [
@@ -131,7 +131,7 @@ def reference_text(det, class_name, prompts):
 
 
 def reference_hsf(tokens, logits, seed=111, k_clusters=20):
-    """Released HSF (methods.md 6.2) for one image: tokens per layer (N, D), logits per layer (N, 2)."""
+    """Released HSF (docs/methods.md §6.2) for one image: tokens per layer (N, D), logits per layer (N, 2)."""
     p_a = softmax(np.mean(logits, axis=0))[:, 1]
     top = np.argsort(-p_a, kind="stable")[: min(len(p_a), 5 * k_clusters)]
     data = np.concatenate([t[top] for t in tokens], axis=1).astype(np.float32)
@@ -143,7 +143,8 @@ def reference_hsf(tokens, logits, seed=111, k_clusters=20):
 
 
 def reference(det, image, class_name, hsf=True):
-    """The whole AdaCLIP inference of methods.md 6.1-6.3 for one image -> (score, smoothed map, stages)."""
+    """The whole AdaCLIP inference of docs/methods.md §6.1-§6.3 for one image -> (score, smoothed map,
+    stages)."""
     model, learned = det.backbone.model, det.learned
     depth, taps = det.options["prompt_depth"], det.layers
     _, g0 = np_vision(model, image, {}, taps)
@@ -176,6 +177,23 @@ def reference(det, image, class_name, hsf=True):
     stages = {"g0": g0, "dyn_v": dyn_v, "dyn_t": dyn_t, "tokens": tokens, "g": g, "text": text}
     stages.update({"logits": logits, "presmooth": presmooth, "labels": labels})
     return score, gaussian_filter(presmooth, sigma=4), stages
+
+
+def reference_loss(refs, masks, labels):
+    """docs/methods.md §6.4 from the reference's stages, image by image: focal([1 - score, score], label) +
+    per layer focal(P) + dice(P_a, gt) + dice(P_n, 1 - gt), P = softmax(bilinear_aligned(logits)); the batch
+    loss is the mean over images (every term is a per-pixel or per-image mean)."""
+    total = 0.0
+    for (score, ref), mask, label in zip(refs, masks, labels, strict=True):
+        loss = focal_loss_np(np.array([[1.0 - score, score]]), np.array([label]))
+        grid = int(np.sqrt(len(ref["logits"][0])))
+        m = bilinear_matrix_aligned(grid, SIZE)
+        for lg in ref["logits"]:
+            p = softmax(np.stack([m @ lg[:, c].reshape(grid, grid) @ m.T for c in range(2)]), axis=0)
+            loss += focal_loss_np(p[None], mask[None]) + dice_loss_np(p[1][None], mask[None])
+            loss += dice_loss_np(p[0][None], 1.0 - mask[None])
+        total += loss
+    return total / len(refs)
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -211,15 +229,19 @@ def make(clip, **options) -> AdaCLIP:
 
 # ------------------------------------------------------------------------------------------ faithfulness
 @pytest.mark.parametrize("prompting", ["hybrid", "static", "dynamic"])
-def test_maps_scores_and_every_stage_match_reference(jittered, images, prompting):
+def test_maps_scores_loss_and_every_stage_match_reference(jittered, images, prompting):
+    """Inference stage by stage, then the training loss of the same images (its reference is built from the
+    reference's stages only, never from the detector's methods)."""
     det = make(jittered, prompting=prompting)
     scores, maps = det.predict(images[:2], NAMES[:2])
     feats = det.extract_features(images[:2])
     with torch.no_grad():
         tokens, g, text = det.forward_features(feats, NAMES[:2])
         visual_dyn, text_dyn = det.dynamic_prompts(feats.get("pooled0"))
+    refs = []
     for b in range(2):
         score, smooth, ref = reference(det, images[b], NAMES[b])
+        refs.append((score, ref))
         if det.dynamic:
             assert np.abs(np_(feats["pooled0"][b]) - ref["g0"]).max() < TOL
             assert np.abs(np_(visual_dyn[b]) - ref["dyn_v"]).max() < TOL
@@ -231,6 +253,10 @@ def test_maps_scores_and_every_stage_match_reference(jittered, images, prompting
         assert np.array_equal(det.last_hsf_labels[b], ref["labels"])  # same k-means input, same clusters
         assert np.abs(maps[b].numpy() - smooth).max() < TOL
         assert abs(float(scores[b]) - score) < TOL
+    masks = (torch.rand(2, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) > 0.7).float()
+    labels = torch.tensor([1, 0])
+    loss = det.training_loss(feats, masks, labels, NAMES[:2])[0]
+    assert loss.item() == pytest.approx(reference_loss(refs, masks.numpy(), labels.numpy()), rel=1e-5)
 
 
 def test_prompts_matter_at_every_inserted_position(jittered, images):
@@ -319,7 +345,8 @@ def test_kmeans_rng_per_image_is_order_free_and_shared_is_the_official_stream():
 
 # ------------------------------------------------------------------------------------------ batching
 def test_batch_of_8_equals_8_single_images(jittered, images):
-    """The official code only runs batch 1 (pitfall 13); here any batch gives the same numbers."""
+    """The official code only runs batch 1 (docs/methods.md pitfall 13); here any batch gives the same
+    numbers."""
     det = make(jittered)
     scores, maps = det.predict(images, NAMES)
     singles = [det.predict(images[i : i + 1], NAMES[i : i + 1]) for i in range(8)]
@@ -340,26 +367,13 @@ def test_batch_of_8_equals_8_single_images(jittered, images):
 
 
 def test_loss_terms_and_gradients(jittered, images):
-    """focal(image probabilities) + per layer focal + dice(P_a, gt) + dice(P_n, 1 - gt) (methods.md 6.4), and
-    every learned tensor gets a gradient except the never-used text prompt of block 1."""
-    from zsad.losses import binary_dice_loss, focal_loss
-    from zsad.methods.heads import token_logits, upsampled_probs
-
+    """The loss is named by term (its value: the reference test above), and every learned tensor gets a
+    gradient except the never-used text prompt of block 1 (docs/methods.md §6.4)."""
     det = make(jittered)
     masks = (torch.rand(2, SIZE, SIZE, generator=torch.Generator().manual_seed(4)) > 0.7).float()
-    labels = torch.tensor([1, 0])
     feats = det.extract_features(images[:2])
-    loss, parts = det.training_loss(feats, masks, labels, NAMES[:2])
-    with torch.no_grad():
-        tokens, g, text = det.forward_features(feats, NAMES[:2])
-        logits = [token_logits(t, text) for t in tokens]
-        expected = focal_loss(det.image_probs(tokens, logits, g, text), labels)
-        for lg in logits:
-            p = upsampled_probs(lg, det.backbone.grid_size, SIZE)
-            expected += (
-                focal_loss(p, masks) + binary_dice_loss(p[:, 1], masks) + binary_dice_loss(p[:, 0], 1 - masks)
-            )
-    assert abs(loss.item() - expected.item()) < 1e-5
+    loss, parts = det.training_loss(feats, masks, torch.tensor([1, 0]), NAMES[:2])
+    assert loss.item() == pytest.approx(sum(parts.values()), rel=1e-6)
     assert set(parts) == {"loss_image"} | {f"loss_layer{layer}" for layer in det.layers}
     loss.backward()
     for name, p in det.learned.named_parameters():
@@ -447,10 +461,10 @@ def test_bf16_runs_close_to_fp32(jittered, images):
 
 
 def test_validation_selection_refuses_the_training_set(tmp_path):
-    from zsad.methods.adaclip import train_with_validation
+    from zsad.train import train_with_validation
 
     with pytest.raises(ValueError, match="differ"):
-        train_with_validation(tmp_path, tmp_path, tmp_path / "out")
+        train_with_validation("adaclip", tmp_path, tmp_path, tmp_path / "out")
 
 
 def test_bad_options_and_inputs_are_clear(tiny_random):
@@ -525,11 +539,11 @@ def test_trained_adaclip_localises_held_out_defects(embedded):
 @pytest.mark.slow
 def test_validation_selection_keeps_the_best_epoch(tmp_path, synthad_root, tiny_trained):
     """Checkpoint selection on a named validation set (a seen category of SynthAD), never the target."""
-    from zsad.methods.adaclip import train_with_validation
     from zsad.tiny import embedded_aux_root
-    from zsad.train import load_checkpoint, read_config
+    from zsad.train import load_checkpoint, read_config, train_with_validation
 
     best, rows = train_with_validation(
+        "adaclip",
         embedded_aux_root(),
         synthad_root,
         tmp_path,
@@ -545,4 +559,4 @@ def test_validation_selection_keeps_the_best_epoch(tmp_path, synthad_root, tiny_
     assert read_config(best)["epochs_done"] == winner
     assert load_checkpoint(best).method_id == "adaclip"
     with pytest.raises(FileExistsError):
-        train_with_validation(embedded_aux_root(), synthad_root, tmp_path, val_classes=["carpet"])
+        train_with_validation("adaclip", embedded_aux_root(), synthad_root, tmp_path, val_classes=["carpet"])

@@ -1,5 +1,6 @@
-"""AnomalyCLIP against references written from methods.md 5 (fp32, max |diff| < 1e-4), stage by stage, plus
-its behaviour on the embedded world (trained prompts beat the untrained CLIP baseline on held-out categories).
+"""AnomalyCLIP against references written from docs/methods.md §5 (fp32, max |diff| < 1e-4), stage by stage,
+plus its behaviour on the embedded world (trained prompts beat the untrained CLIP baseline on held-out
+categories).
 
 The references below re-implement the CLIP towers in numpy from open_clip's weights (LayerNorms jittered so
 that a swapped or skipped norm shows), never calling zsad's forwards.
@@ -63,7 +64,7 @@ def attention(x, attn, mode="qk", causal=False):
 
 def mlp(x, block):
     h = x @ np_(block.mlp.c_fc.weight).T + np_(block.mlp.c_fc.bias)
-    if isinstance(block.mlp.gelu, QuickGELU):  # OpenAI weights, AnomalyCLIP's official build (13.1)
+    if isinstance(block.mlp.gelu, QuickGELU):  # OpenAI weights, AnomalyCLIP's build (docs/methods.md §13.1)
         h = h / (1 + np.exp(-1.702 * h))
     else:  # zsad-tiny's own activation
         h = 0.5 * h * (1 + erf(h / np.sqrt(2)))
@@ -71,8 +72,8 @@ def mlp(x, block):
 
 
 def np_vision(model, image, mode, start, taps):
-    """methods.md 5.1: the original ViT plus, from block ``start``, a path = input + attn_mode(LN_1 input)
-    at the first block, + attn_mode(LN_1 original input) later, no FFN. Returns (path tokens after
+    """docs/methods.md §5.1: the original ViT plus, from block ``start``, a path = input + attn_mode(LN_1
+    input) at the first block, + attn_mode(LN_1 original input) later, no FFN. Returns (path tokens after
     ln_post + proj per tap, last CLS @ proj without ln_post)."""
     visual = model.visual
     w = np_(visual.conv1.weight)
@@ -96,8 +97,8 @@ def np_vision(model, image, mode, start, taps):
 
 
 def np_text(model, ids, embeddings, deep):
-    """Text tower (methods.md 5.2): given word embeddings, positions; before block b in ``deep`` positions
-    1..n are overwritten; causal blocks; ln_final; EOT (argmax id) row @ text_projection."""
+    """Text tower (docs/methods.md §5.2): given word embeddings, positions; before block b in ``deep``
+    positions 1..n are overwritten; causal blocks; ln_final; EOT (argmax id) row @ text_projection."""
     x = embeddings + np_(model.positional_embedding)[: ids.shape[1]]
     outs = []
     for row, seq in zip(ids, x, strict=True):
@@ -194,7 +195,8 @@ def test_dpam_path_and_cls_without_ln_post(jittered, images, mode):
             assert np.abs(feats[f"path_{layer}"][b].numpy() - ref[layer]).max() < TOL
         assert np.abs(feats["cls_proj"][b].numpy() - cls).max() < TOL
     assert (feats["cls_proj"] - feats["pooled"]).abs().max() > 1e-2  # ln_post really is skipped
-    assert (feats["path_3"] - feats["path_6"]).abs().max() > 1e-2  # fresh layers, no aliasing (5.6)
+    # fresh layers, no aliasing (docs/methods.md §5.6)
+    assert (feats["path_3"] - feats["path_6"]).abs().max() > 1e-2
 
 
 def test_maps_and_scores_match_reference(jittered, images):
@@ -206,7 +208,7 @@ def test_maps_and_scores_match_reference(jittered, images):
     raw = np.zeros((2, SIZE, SIZE))
     for layer in (4, 6):
         tokens = unit(feats[f"path_{layer}"][:, 1:].double().numpy())
-        probs = softmax(tokens @ text / 0.07)  # on the token grid (5.3)
+        probs = softmax(tokens @ text / 0.07)  # on the token grid (docs/methods.md §5.3)
         grid = probs.transpose(0, 2, 1).reshape(2, 2, h, w)
         up = np.einsum("ih,bkhw,jw->bkij", up_h, grid, up_w)  # probabilities upsampled
         raw += (up[:, 1] + 1.0 - up[:, 0]) / 2.0
@@ -218,7 +220,7 @@ def test_maps_and_scores_match_reference(jittered, images):
         assert np.abs(det.unsmoothed_map(feats, det.text_batch(["a", "a"])).numpy() - raw).max() < TOL
     assert np.abs(maps.numpy() - ref_maps).max() < TOL
     assert np.abs(scores.numpy() - ref_scores).max() < TOL
-    # upsampling logits instead of probabilities would differ (pitfall 3)
+    # upsampling logits instead of probabilities would differ (docs/methods.md pitfall 3)
     tokens = unit(feats["path_6"][:, 1:].double().numpy())
     logit_grid = (tokens @ text / 0.07).transpose(0, 2, 1).reshape(2, 2, h, w)
     via_logits = softmax(np.einsum("ih,bkhw,jw->bkij", up_h, logit_grid, up_w), axis=1)[:, 1]
@@ -228,7 +230,7 @@ def test_maps_and_scores_match_reference(jittered, images):
 
 
 def np_focal(probs, mask, smooth=1e-5):
-    """methods.md 1.4: one-hot clamped to [smooth, 1 - smooth], pt = sum(onehot p) + smooth,
+    """docs/methods.md §1.4: one-hot clamped to [smooth, 1 - smooth], pt = sum(onehot p) + smooth,
     loss = -(1 - pt)^2 log pt averaged."""
     onehot = np.stack([1 - mask, mask], axis=1).clip(smooth, 1 - smooth)
     pt = (onehot * probs).sum(axis=1) + smooth
@@ -405,9 +407,10 @@ def test_paper_schedule_beats_the_baseline_maps_and_keeps_its_image_auroc(paper_
 
 
 def test_fine_tuning_on_the_target_train_half_raises_pixel_auroc(trained, synthad_root):
-    """methods.md 12.2 on the embedded world: the held-out "wood" test split is cut in two halves (seeded,
-    per label; :func:`zsad.data.meta.finetuning_split`); the prompts start from the zero-shot checkpoint
-    (``init_from``) and are fine-tuned on the ``train`` half, both are evaluated on the ``test`` half.
+    """docs/methods.md §12.2 on the embedded world: the held-out "wood" test split is cut in two halves
+    (seeded, per label; :func:`zsad.data.meta.finetuning_split`); the prompts start from the zero-shot
+    checkpoint (``init_from``) and are fine-tuned on the ``train`` half, both are evaluated on the ``test``
+    half.
     Measured: pixel AUROC 0.544 zero-shot -> 0.770 after 15 epochs. (On "pill", where zero-shot is already
     0.857, the same fine-tune drops to 0.793: 15 images overfit.)"""
     from zsad.data import load_dataset

@@ -1,4 +1,5 @@
-"""APRIL-GAN against references written from methods.md 3.3 (fp32, max |diff| < 1e-4), stage by stage."""
+"""APRIL-GAN against references written from docs/methods.md §3.3 (fp32, max |diff| < 1e-4), stage by
+stage."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from references import bilinear_matrix_aligned
+from references import bilinear_matrix_aligned, dice_loss_np, focal_loss_np
 from safetensors.torch import save_file
 
 from zsad import methods
@@ -43,8 +44,9 @@ def batch():
 
 
 def reference_zero_shot(det, feats, names):
-    """methods.md 3.3 in numpy: per layer head -> unit -> 100 <., T> -> grid -> bilinear(align_corners=True)
-    -> softmax over the 2 states -> abnormal; sum over layers. Score softmax(100 <g, T>)[abnormal]."""
+    """docs/methods.md §3.3 in numpy: per layer head -> unit -> 100 <., T> -> grid ->
+    bilinear(align_corners=True) -> softmax over the 2 states -> abnormal; sum over layers.
+    Score softmax(100 <g, T>)[abnormal]."""
     text = np.stack([det.text_features(c).numpy() for c in names])  # (B, D, 2)
     h, w = det.backbone.grid_size
     size = det.image_size
@@ -98,17 +100,19 @@ def test_softmax_after_upsampling_is_not_softmax_before(detector, batch):
 
 
 def test_training_loss_is_focal_plus_dice_per_layer(detector, batch):
-    from zsad.losses import binary_dice_loss, focal_loss
-
+    """docs/methods.md §3.4: per-layer focal(probs) + dice(abnormal), summed, on the reference's maps."""
     images, names = batch
     feats = detector.extract_features(images)
     masks = torch.zeros(3, 128, 128)
     masks[1, 40:70, 30:90] = 1
     loss, parts = detector.training_loss(feats, masks, torch.tensor([0, 1, 0]), names)
-    expected = 0.0
-    for probs in detector.layer_probs(feats, names):
-        expected += (focal_loss(probs, masks) + binary_dice_loss(probs[:, 1], masks)).item()
-    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    _, _, layer_maps = reference_zero_shot(detector, feats, names)
+    expected = sum(
+        focal_loss_np(np.stack([1.0 - abnormal, abnormal], axis=1), masks.numpy())
+        + dice_loss_np(abnormal, masks.numpy())
+        for abnormal in layer_maps
+    )
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     assert set(parts) == {f"loss_layer{x}" for x in detector.layers}
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in detector.learned.parameters())
@@ -173,9 +177,10 @@ def test_official_checkpoint_format_and_quirks(tiny_random, tmp_path):
     for a, b in zip(det.learned.parameters(), heads.parameters(), strict=True):
         assert torch.equal(a, b)
     assert det.options["image_score"] == "official-transductive"
-    assert not det.backbone.quick_gelu  # exact GELU, as APRIL-GAN's model JSON (methods.md 13.1)
+    assert not det.backbone.quick_gelu  # exact GELU, as APRIL-GAN's model JSON (docs/methods.md §13.1)
     w = det.backbone.model.visual.transformer.resblocks[0].mlp.c_fc.weight
-    assert torch.equal(w, w.half().float())  # fp16-rounded like open_clip's OpenAI loader (13.8)
+    # fp16-rounded like open_clip's OpenAI loader (docs/methods.md §13.8)
+    assert torch.equal(w, w.half().float())
     assert not torch.equal(tiny_random.model.visual.transformer.resblocks[0].mlp.c_fc.weight, w)
     torch.save({"linear_layers": heads.state_dict()}, tmp_path / "wrong.pth")
     with pytest.raises(ValueError, match="expected a dict with 'trainable_linearlayer'"):

@@ -1,7 +1,7 @@
 """zsad.backbone against independent references: open_clip's own forwards, hand-written per-head attention,
 emulations of the official in-place code (AnomalyCLIP before 2a7c886, CLIP-AD), and real files on disk.
 
-Everything runs on the zsad-tiny architecture with seeded random weights.
+Everything runs on the zsad-tiny architecture with seeded random weights and random LayerNorms.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from references import bilinear_matrix
+from references import bilinear_matrix, jitter_layernorms
 from safetensors.torch import save_file, save_model
 
 import zsad.backbone as zb
@@ -29,7 +29,8 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def tiny() -> CLIPBackbone:
-    return load_clip("zsad-tiny", pretrained="random", seed=0)
+    """Random LayerNorms: under the identity init a swapped ln_1/ln_2 or ln_pre/ln_post is invisible."""
+    return jitter_layernorms(load_clip("zsad-tiny", pretrained="random", seed=0))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def ref_attention(attn: torch.nn.MultiheadAttention, h: torch.Tensor, mode: str)
 
 @torch.no_grad()
 def reference_paths(visual, images, path: AttnPath, layers):
-    """Original stream with open_clip's blocks, second path written from methods.md 4.1 / 5.1."""
+    """Original stream with open_clip's blocks, second path written from docs/methods.md §4.1, §5.1."""
     blocks = list(visual.transformer.resblocks)
     stage_len = len(blocks) / path.num_stages
     x, p, tokens, paths = embed(visual, images), None, {}, {}
@@ -230,7 +231,7 @@ def _two(blk, h):
 
 @torch.no_grad()
 def anomalyclip_prefix_emulation(visual, images, start, layers):
-    """AnomalyCLIP before 2a7c886: in-place `+=` and stored tensors without clone (methods.md 5.6)."""
+    """AnomalyCLIP before 2a7c886: in-place `+=` and stored tensors without clone (docs/methods.md §5.6)."""
     x, state, out = embed(visual, images), None, {}
     for i, blk in enumerate(visual.transformer.resblocks, 1):
         if i < start:

@@ -1,4 +1,4 @@
-"""CLIP-AD SDP (zsad/methods/clipad_sdp.py) against independent references (methods.md section 4).
+"""CLIP-AD SDP (zsad/methods/clipad_sdp.py) against independent references (docs/methods.md §4).
 
 The faithfulness test re-runs the randomly initialised zsad-tiny by hand: q/k/v from ``in_proj_weight``, the
 original and the v-v attention head by head, the staged accumulation with resets, the CLS copy, ``ln_post``
@@ -93,7 +93,7 @@ def reference_features(visual, images, layers, num_stages, legacy=False):
 
 
 def reference_surgery(p: torch.Tensor, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """CLIP-Surgery of (N, D) tokens, one class at a time (methods.md 4.3)."""
+    """CLIP-Surgery of (N, D) tokens, one class at a time (docs/methods.md §4.3)."""
     k_states = text.shape[1]
     prob = torch.softmax(torch.stack([cls @ text[:, k] for k in range(k_states)]), dim=0)
     w = prob / prob.mean()
@@ -236,9 +236,9 @@ def test_representative_vector_is_unit_for_every_reducer_and_precision(reducer, 
 
 
 def test_fp16_official_dbscan_vector_is_the_official_arithmetic_bit_for_bit():
-    """methods.md 4.2 / 13.2: the official DBSCAN representative is ``np.mean`` of the float32 cluster rows,
-    then ``torch.tensor(..., dtype=float16)``, normalised in fp16. Seed 21 gives unit rows whose float32 and
-    float64 means round to different fp16 values, so a float64 path cannot pass."""
+    """docs/methods.md §4.2, §13.2: the official DBSCAN representative is ``np.mean`` of the float32 cluster
+    rows, then ``torch.tensor(..., dtype=float16)``, normalised in fp16. Seed 21 gives unit rows whose float32
+    and float64 means round to different fp16 values, so a float64 path cannot pass."""
     rng = np.random.default_rng(21)
     x = rng.standard_normal((200, 64)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)

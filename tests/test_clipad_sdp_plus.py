@@ -1,11 +1,11 @@
-"""CLIP-AD SDP+ (methods.md 4.5, 4.6) against a reference written from the definitions."""
+"""CLIP-AD SDP+ (docs/methods.md §4.5, §4.6) against a reference written from the definitions."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from references import bilinear_matrix_aligned
+from references import bilinear_matrix_aligned, dice_loss_np, focal_loss_np
 from safetensors.torch import save_file
 from scipy.ndimage import gaussian_filter
 
@@ -31,12 +31,13 @@ def images():
     return torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(9))
 
 
-def heads_reference(det, feats, names):
-    """Sum over layers of softmax(bilinear_aligned(100 <unit(head(ori tokens)), T>))[abnormal]."""
+def heads_reference(det, feats, names, per_layer=False):
+    """Sum over layers of softmax(bilinear_aligned(100 <unit(head(ori tokens)), T>))[abnormal]; with
+    ``per_layer`` the list of each layer's (normal, abnormal) probabilities (B, 2, S, S) instead."""
     text = np.stack([det.text_features(c).numpy() for c in names]).astype(np.float64)
     h, w = det.backbone.grid_size
     up_h, up_w = bilinear_matrix_aligned(h, 128), bilinear_matrix_aligned(w, 128)
-    total = np.zeros((len(names), 128, 128))
+    total, layers = np.zeros((len(names), 128, 128)), []
     for i, layer in enumerate(det.layers):
         tokens = feats[f"tokens_{layer}"][:, 1:].numpy().astype(np.float64)
         fc = det.learned.fc[i]
@@ -45,8 +46,9 @@ def heads_reference(det, feats, names):
         logits = 100.0 * np.einsum("bnd,bdk->bnk", proj, text).transpose(0, 2, 1).reshape(-1, 2, h, w)
         up = np.einsum("ih,bkhw,jw->bkij", up_h, logits, up_w)
         e = np.exp(up - up.max(axis=1, keepdims=True))
-        total += (e / e.sum(axis=1, keepdims=True))[:, 1]
-    return total
+        layers.append(e / e.sum(axis=1, keepdims=True))
+        total += layers[-1][:, 1]
+    return layers if per_layer else total
 
 
 def test_map_is_smoothed_sdp_map_plus_heads(detector, images):
@@ -84,6 +86,10 @@ def test_training_loss_and_settings(detector, images):
     masks[0, 10:50, 20:60] = 1
     loss, parts = detector.training_loss(feats, masks, torch.tensor([1, 0]), ["nut", "nut"])
     assert loss.requires_grad and set(parts) == {f"loss_layer{x}" for x in detector.layers}
+    # docs/methods.md §4.5: per layer focal(both states) + dice(abnormal) on the heads' maps, summed
+    probs = heads_reference(detector, feats, ["nut", "nut"], per_layer=True)
+    expected = sum(focal_loss_np(p, masks.numpy()) + dice_loss_np(p[:, 1], masks.numpy()) for p in probs)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
     s = ClipADSDPPlus.train_settings
     assert (s["lr"], s["epochs"], s["batch_size"], s["seed"]) == (1e-4, 5, 8, 42)
     assert ClipADSDPPlus.train_presets["official"] == {"shuffle": False}

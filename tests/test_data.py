@@ -1,4 +1,4 @@
-"""meta.json reading/writing, robust decoding and the AnomalyDataset (methods.md 1.1, 1.3; pitfall 9).
+"""meta.json reading/writing, robust decoding and the AnomalyDataset (docs/methods.md §1.1, §1.3, pitfall 9).
 
 References are independent of the code under test: hand-computed pixels, the official torchvision pipeline
 (Resize bicubic + CenterCrop + ToTensor + Normalize; Resize bilinear + ToTensor + > 0.5 for masks), and JSON
@@ -339,7 +339,7 @@ def test_bilinear_and_nearest_differ_on_thin_line(tmp_path):
     write_meta({"test": {"a": [_rec("a/i.png", "a/m.png", "a", "x", 1)]}}, tmp_path)
     bilinear = load_dataset(tmp_path, image_size=8)[0]["mask"]
     nearest = load_dataset(tmp_path, image_size=8, mask_interpolation="nearest")[0]["mask"]
-    assert bilinear.sum() == 0  # averaged to ~64/255 < 0.5: the defect vanishes (pitfall 9)
+    assert bilinear.sum() == 0  # averaged to ~64/255 < 0.5: the defect vanishes (docs/methods.md pitfall 9)
     assert nearest[:, 0].tolist() == [1.0] * 8 and nearest.sum() == 8
 
 

@@ -1,9 +1,9 @@
 """The trained methods on the embedded world: heads trained on SynthAD categories zsad-tiny saw (the embedded
 auxiliary set), evaluated on the held-out ones, against the untrained CLIP baseline and zero-shot WinCLIP.
 
-Floors sit below the measured values (README) and above what a mis-wired method reaches: swapping the
-softmax channels turns the trained maps into their complement (pixel AUROC ~ 1 - x), and a skipped head
-leaves plain CLIP tokens, which score like the untrained baseline (~0.48).
+Floors are the measured values minus a stated margin, and each control stands for one named break that must
+fall below the floor. (Negating the heads is no control: it gives the complement map, 1 - AUROC, which passes
+whenever the forward test passes.)
 """
 
 from __future__ import annotations
@@ -48,9 +48,13 @@ def _mean(detector, heldout):
     return evaluate(detector, heldout, progress=False).table.loc["mean"]
 
 
+# APRIL-GAN's held-out pixel AUROC, measured 0.826 (CLIP baseline 0.482); margin 0.02
+APRILGAN_FLOOR = 0.806
+
+
 def test_aprilgan_localises_unseen_categories(trained, heldout, baselines):
     ours = _mean(load_checkpoint(trained["aprilgan"]), heldout)
-    assert ours["pixel_auroc"] > baselines["clip"]["pixel_auroc"] + 0.2
+    assert ours["pixel_auroc"] > APRILGAN_FLOOR
     assert ours["pixel_auroc"] > baselines["winclip"]["pixel_auroc"]
     assert ours["image_auroc"] >= baselines["clip"]["image_auroc"] - 0.01  # the same CLIP text score
 
@@ -62,13 +66,14 @@ def test_sdp_plus_beats_sdp_and_the_baseline(trained, heldout, baselines, tiny_t
     assert ours["pixel_auroc"] > sdp["pixel_auroc"] + 0.05
 
 
-def test_swapped_channels_or_untrained_heads_fall_below_the_floor(trained, heldout, baselines):
+def test_heads_of_the_wrong_layers_or_untrained_heads_fall_below_the_floor(trained, heldout):
     detector = load_checkpoint(trained["aprilgan"])
-    with torch.no_grad():  # swapping normal/abnormal = negating the text difference the heads learnt
-        for fc in detector.learned.fc:
-            fc.weight.neg_()
-            fc.bias.neg_()
-    swapped = _mean(detector, heldout)
-    assert swapped["pixel_auroc"] < baselines["winclip"]["pixel_auroc"]
+    # break "heads assigned to the wrong layers" (layer order reversed): measured 0.746
+    states = [{k: v.clone() for k, v in fc.state_dict().items()} for fc in detector.learned.fc]
+    for fc, state in zip(detector.learned.fc, states[::-1], strict=True):
+        fc.load_state_dict(state)
+    assert _mean(detector, heldout)["pixel_auroc"] < APRILGAN_FLOOR
+    # break "trained heads never loaded" (seeded fresh heads): measured 0.493
+    torch.manual_seed(0)
     untrained = _mean(methods.create("aprilgan", backbone=detector.backbone), heldout)
-    assert untrained["pixel_auroc"] < baselines["clip"]["pixel_auroc"] + 0.2
+    assert untrained["pixel_auroc"] < APRILGAN_FLOOR

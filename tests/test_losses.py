@@ -1,4 +1,4 @@
-"""Losses against references written pixel by pixel from their definitions (methods.md 1.4)."""
+"""Losses against references written pixel by pixel from their definitions (docs/methods.md §1.4)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Few-shot memory bank (zsad/methods/memory_bank.py) against brute-force loops (methods.md 3.3)."""
+"""Few-shot memory bank (zsad/methods/memory_bank.py) against brute-force loops (docs/methods.md §3.3)."""
 
 from __future__ import annotations
 

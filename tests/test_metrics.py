@@ -41,7 +41,8 @@ def blob_case(
 
 
 def slow_cflow(masks: np.ndarray, maps: np.ndarray, max_step: int = 200, limit: float = 0.3) -> float:
-    """methods.md 1.5 literally: relabel per threshold, region overlaps, FPR < limit, rescale, sklearn auc."""
+    """docs/methods.md §1.5 literally: relabel per threshold, region overlaps, FPR < limit, rescale, sklearn
+    auc."""
     lo, hi = maps.min(), maps.max()
     normal = masks == 0
     fprs, pros = [], []

@@ -1,13 +1,15 @@
-"""MFP-CLIP (methods.md 7): MPFA against an independent reference, SP / I2TP / MP wiring, module switches,
-gradients, the SP CNN's weights handling, the trainer's lr schedule, a checkpoint round trip, and (slow) the
-embedded world: trained on SynthAD seen categories, evaluated on the held-out ones."""
+"""MFP-CLIP (docs/methods.md §7): MPFA against an independent reference, SP / I2TP / MP wiring, module
+switches, gradients, the SP CNN's weights handling, the trainer's lr schedule, a checkpoint round trip, and
+(slow) the embedded world: trained on SynthAD seen categories, evaluated on the held-out ones."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from references import bilinear_matrix_aligned, dice_loss_np, focal_loss_np
 from safetensors.torch import save_file
+from test_adaclip import block, layer_norm, linear, np_, np_vision, softmax, unit
 
 from zsad import methods
 from zsad.backbone import BackboneError
@@ -39,6 +41,86 @@ def make(backbone, seed: int = 3, **options) -> MFPCLIP:
 @pytest.fixture(scope="module")
 def full(tiny_random):
     return make(tiny_random)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+def reference_conv3x3(grid: np.ndarray, conv) -> np.ndarray:
+    """Conv2d(1 -> D, 3 x 3, zero padding 1) written out: (h, w) -> (h, w, D)."""
+    weight, bias = np_(conv.weight)[:, 0], np_(conv.bias)  # (D, 3, 3), (D,)
+    padded = np.pad(grid, 1)
+    h, w = grid.shape
+    cells = [[padded[i : i + 3, j : j + 3] for j in range(w)] for i in range(h)]
+    return np.array([[np.einsum("dij,ij->d", weight, cell) + bias for cell in row] for row in cells])
+
+
+def reference_mfpclip(det, features, image, class_name, b):
+    """MFP-CLIP for one image from the module's formulas (write-up 3.3-3.6 and our stated choices), numpy:
+    CNN levels -> layer norm -> SP prompt [A_k(f_k)] appended before block 1 -> raw tokens of the tapped
+    layers; I2TP tokens at positions 1..n of "X X X X flawless/damaged {class}.",
+    t = unit(t_template + unit(t_i2tp)); per layer projection -> MPFA (3 x 3) -> coarse logits 100 cos(e, t);
+    MP: coarse grid (mean over layers of P_a) -> 3 x 3 conv added to e -> refined logits; maps
+    bilinear(align_corners) + softmax; score
+    softmax(100 cos(g, t))[abnormal]. Returns (score, refined probs per layer, coarse probs per layer)."""
+    model, learned = det.backbone.model, det.learned
+    levels = [features[f"cnn_{k}"][b].double().numpy() for k in range(LEVELS)]
+    levels = [(v - v.mean()) / np.sqrt(v.var() + 1e-5) for v in levels]
+    prompt = np.stack([linear(f, a) for f, a in zip(levels, learned.sp[0], strict=True)])  # (5, width)
+    raw, pooled = np_vision(model, image, {0: prompt}, det.layers)
+    # I2TP: the image-conditioned word tokens overwrite the placeholders before the positional embedding
+    n = det.options["i2tp_tokens"]
+    ctx = linear(np.concatenate(levels), learned.i2tp).reshape(n, -1)
+    ids = det.backbone.tokenize([f"{' '.join(['X'] * n)} {w} {class_name}." for w in ("flawless", "damaged")])
+    ids = ids.numpy()
+    words = np_(model.token_embedding.weight)[ids]
+    words[:, 1 : 1 + n] = ctx
+    x = words + np_(model.positional_embedding)[: ids.shape[1]]
+    for blk in model.transformer.resblocks:
+        x = block(x, blk, causal=True)
+    conditioned = layer_norm(x, model.ln_final)[np.arange(2), ids.argmax(axis=1)] @ np_(model.text_projection)
+    template = det.template_text(class_name).double().numpy()  # (D, 2), the ensemble of test_prompts.py
+    text = unit(template + unit(conditioned).T, axis=0)
+    h = w = int(np.sqrt(len(raw[det.layers[0]])))
+    up = bilinear_matrix_aligned(h, 128)
+
+    def probs(logits):  # (N, 2) -> (2, S, S)
+        return softmax(np.stack([up @ logits[:, c].reshape(h, w) @ up.T for c in range(2)]), axis=0)
+
+    embedded = [
+        reference_mpfa(linear(raw[layer], fc)[None], h, w, 3)[0]
+        for layer, fc in zip(det.layers, learned.heads.fc, strict=True)
+    ]
+    coarse = [100 * unit(e) @ text for e in embedded]
+    coarse_grid = np.mean([softmax(c)[:, 1] for c in coarse], axis=0).reshape(h, w)
+    refined = [
+        100 * unit(e + reference_conv3x3(coarse_grid, conv).reshape(h * w, -1)) @ text
+        for e, conv in zip(embedded, learned.mp, strict=True)
+    ]
+    score = softmax(100 * unit(pooled) @ text)[1]
+    return score, [probs(r) for r in refined], [probs(c) for c in coarse]
+
+
+def test_end_to_end_maps_score_and_loss_match_reference(full, batch):
+    """Every module on, learned parts far from their init: maps, scores and the training loss
+    (sum_layers [focal + dice](refined) + the same on the coarse maps + BCE(S, label)) against the
+    reference."""
+    images, names = batch
+    features = full.extract_features(images)
+    scores, maps = full.predict(images, names)
+    masks = (torch.rand(2, 128, 128, generator=torch.Generator().manual_seed(5)) > 0.8).float()
+    labels = np.array([1.0, 0.0])
+    loss = full.training_loss(features, masks, torch.tensor(labels), names)[0]
+    expected_loss, refs = 0.0, []
+    for b in range(2):
+        score, refined, coarse = reference_mfpclip(full, features, images[b], names[b], b)
+        refs.append(score)
+        assert np.abs(maps[b].numpy() - np.mean([p[1] for p in refined], axis=0)).max() < 1e-4
+        assert abs(float(scores[b]) - score) < 1e-5
+        mask = masks[b].numpy()[None]
+        for p in refined + coarse:
+            expected_loss += (focal_loss_np(p[None], mask) + dice_loss_np(p[1][None], mask)) / 2
+    refs = np.array(refs)
+    expected_loss += -np.mean(labels * np.log(refs) + (1 - labels) * np.log(1 - refs))
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-5)
 
 
 def test_defaults_follow_the_paper_and_record_our_choices(tiny_random):

@@ -15,7 +15,7 @@ def _normalise(requirement: str) -> tuple[str, str]:
     return name.lower().replace("_", "-"), spec.replace(" ", "")
 
 
-EXTRAS = ("dev", "ray")  # the extras environment.yml installs too (the Makefile installs .[dev,ray])
+EXTRAS = ("dev", "ray", "export")  # the extras environment.yml installs too (as the Makefile does)
 
 
 def _pyproject() -> dict[str, str]:
@@ -39,7 +39,7 @@ def test_ray_extra_is_declared_and_installed_by_make():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(_normalise(r)[0] == "ray" for r in extras["ray"])
     assert "ray" in _environment()
-    assert ".[dev,ray]" in (ROOT / "Makefile").read_text()
+    assert ".[dev,ray,export]" in (ROOT / "Makefile").read_text()
 
 
 def test_python_floor_matches():

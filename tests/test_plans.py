@@ -15,7 +15,7 @@ import pytest
 import yaml
 from plan_helpers import write_plan
 
-from zsad import plans
+from zsad import plans, runs
 from zsad.cli import main
 from zsad.index import local_links, write_index
 from zsad.plans import PlanError, is_finished, load_plan, run_plan
@@ -186,7 +186,7 @@ def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch):
     (reports / "tplan" / "second").mkdir(parents=True)
     (reports / "tplan" / "second" / "old.txt").write_text("an earlier result")
     calls = []
-    real = plans.execute_notebook
+    real = runs.execute_notebook
 
     def fake(notebook, executed, parameters, progress, cwd=None):
         calls.append(parameters)
@@ -195,7 +195,7 @@ def test_interrupt_keeps_finished_runs(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         real(notebook, executed, parameters, progress, cwd)
 
-    monkeypatch.setattr(plans, "execute_notebook", fake)
+    monkeypatch.setattr(runs, "execute_notebook", fake)
     results, interrupted = run_plan(plan, reports, progress=False)
     assert interrupted
     assert [r.status for r in results] == ["ok", "interrupted"]

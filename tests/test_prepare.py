@@ -1,7 +1,7 @@
 """prepare_dataset on tiny fake trees of every supported layout, and on the real Magnetic Tile data.
 
 Expected meta.json contents are written out by hand from the layout; the MVTec pairing is also checked
-against a re-implementation of the official sorted-index pairing (methods.md 1.3).
+against a re-implementation of the official sorted-index pairing (docs/methods.md §1.3).
 """
 
 from __future__ import annotations
@@ -372,7 +372,9 @@ def test_out_argument_and_skip_bad(tmp_path):
     src = tmp_path / "src"
     _img(src / "w/good/a.png")
     _img(src / "w/good/b.png")
-    (src / "w/good/c.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    _img(src / "w/good/c.png")
+    whole = (src / "w/good/c.png").read_bytes()
+    (src / "w/good/c.png").write_bytes(whole[: len(whole) - 30])  # header intact, pixel data cut short
     out = prepare_dataset("folder", src, out=tmp_path / "out")  # a folder: out/meta.json
     assert out == tmp_path / "out/meta.json" and not (src / "meta.json").exists()
     assert len(read_meta(out)["test"]["w"]) == 3  # without skip_bad nothing is decoded

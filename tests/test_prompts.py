@@ -1,6 +1,9 @@
-"""Prompt banks match the official sizes (methods.md 1.2); ensembles are per-sentence normalised means."""
+"""Prompt banks match the official sizes (docs/methods.md §1.2); ensembles are per-sentence normalised
+means."""
 
 from __future__ import annotations
+
+import hashlib
 
 import pytest
 import torch
@@ -40,11 +43,53 @@ def test_winclip_templates_have_no_period_and_clipad_ones_do():
     assert (len(normal), len(abnormal)) == (147, 84)
 
 
+# anomalib's WinCLIP lists (src/anomalib/models/image/winclip/prompting.py at 084331d, 2025-01-08), pinned
+# here because anomalib is in no dependency list: states, then templates in anomalib's order.
+ANOMALIB_NORMAL_STATES = [
+    "{}", "flawless {}", "perfect {}", "unblemished {}",
+    "{} without flaw", "{} without defect", "{} without damage",
+]  # fmt: skip
+ANOMALIB_ANOMALOUS_STATES = ["damaged {}", "{} with flaw", "{} with defect", "{} with damage"]
+ANOMALIB_TEMPLATES = [
+    "a cropped photo of the {}.", "a close-up photo of a {}.", "a close-up photo of the {}.",
+    "a bright photo of a {}.", "a bright photo of the {}.", "a dark photo of the {}.",
+    "a dark photo of a {}.",
+    "a jpeg corrupted photo of the {}.", "a jpeg corrupted photo of the {}.", "a blurry photo of the {}.",
+    "a blurry photo of a {}.", "a photo of a {}.", "a photo of the {}.", "a photo of a small {}.",
+    "a photo of the small {}.", "a photo of a large {}.", "a photo of the large {}.",
+    "a photo of the {} for visual inspection.", "a photo of a {} for visual inspection.",
+    "a photo of the {} for anomaly detection.", "a photo of a {} for anomaly detection.",
+]  # fmt: skip
+
+
 def test_anomalib_bank_equals_anomalibs_own_list():
-    prompting = pytest.importorskip("anomalib.models.image.winclip.prompting")
-    assert list(BANKS["winclip-anomalib"].templates) == list(prompting.TEMPLATES)
-    assert list(BANKS["winclip-anomalib"].normal_states) == list(prompting.NORMAL_STATES)
-    assert list(BANKS["winclip-anomalib"].abnormal_states) == list(prompting.ANOMALOUS_STATES)
+    assert list(BANKS["winclip-anomalib"].templates) == ANOMALIB_TEMPLATES
+    assert list(BANKS["winclip-anomalib"].normal_states) == ANOMALIB_NORMAL_STATES
+    assert list(BANKS["winclip-anomalib"].abnormal_states) == ANOMALIB_ANOMALOUS_STATES
+
+
+# sha256 (first 16 hex) of every sentence of a bank, in order, for the class "{}": a typo in one word of one
+# template or state changes it. The lists were checked once against the official code (APRIL-GAN's
+# prompt_ensemble.py, AdaCLIP's method/adaclip.py and anomalib: equal lists in the same order; CLIP-AD's
+# util/prompt_ensemble.py: the same 22 templates, the first two in the other order, which no reducer sees).
+BANK_HASHES = {
+    "winclip": "14bf801a032ff5ac",
+    "winclip-anomalib": "cd2a7f130c3b0635",
+    "aprilgan": "9630be4de0713967",
+    "adaclip": "d8ae5062d3ce1981",
+    "clipad": "b82ab050f6cd4132",
+}
+
+
+@pytest.mark.parametrize("bank", sorted(BANK_HASHES))
+def test_bank_sentences_are_pinned_by_hash(bank):
+    normal, abnormal = get_bank(bank).sentences("{}")
+    text = "\n".join(["normal", *normal, "abnormal", *abnormal])
+    assert hashlib.sha256(text.encode()).hexdigest()[:16] == BANK_HASHES[bank]
+
+
+def test_every_bank_is_pinned():
+    assert set(BANKS) == set(BANK_HASHES)
 
 
 def test_unknown_bank_and_reducer_are_clear_errors():

@@ -328,7 +328,7 @@ def test_ensure_skips_identical_arguments_and_regenerates_otherwise(tmp_path, mo
     root = tmp_path / "s"
     ensure(root, seed=0, categories=["pill"], **COUNTS)
     stamp = (root / "pill/train/good/001.png").stat().st_mtime_ns
-    import zsad.data.synth as synth
+    import zsad.data.synth.writer as synth  # ensure() looks generate() up in its own module
 
     def fail(*args, **kwargs):
         raise AssertionError("ensure regenerated an up-to-date tree")

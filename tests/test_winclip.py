@@ -1,4 +1,4 @@
-"""WinCLIP / WinCLIP+ (zsad/methods/winclip.py) against independent references (methods.md section 2).
+"""WinCLIP / WinCLIP+ (zsad/methods/winclip.py) against independent references (docs/methods.md §2).
 
 The faithfulness test re-runs the randomly initialised zsad-tiny by hand: patch embedding, CLS and positional
 embedding, then for every window (explicit loops over its top-left corner) the transformer on CLS + the

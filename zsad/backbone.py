@@ -1,4 +1,5 @@
-"""The CLIP backbone: the one place in zsad that touches open_clip internals (design.md; methods.md 1.1, 13).
+"""The CLIP backbone: the one place in zsad that touches open_clip internals (design.md;
+docs/methods.md §1.1, §13).
 
 ``load_clip`` builds an open_clip ViT CLIP by name and loads weights from a pretrained tag (downloaded and
 cached by open_clip / huggingface_hub), a local file, the shipped zsad-tiny file, or a seeded random init.
@@ -7,13 +8,15 @@ cached by open_clip / huggingface_hub), a local file, the shipped zsad-tiny file
 - ``encode_image``: pooled embedding plus, for chosen layers, raw residual tokens, tokens after ``ln_post`` +
   ``proj``, and the tokens of a second attention path (``AttnPath``: AnomalyCLIP / CLIP-AD) run beside the
   original one; optional AdaCLIP visual prompts.
-- ``encode_windows``: WinCLIP window embeddings by token masking (methods.md 2.1).
-- ``encode_text``: the text tower with per-block prompt overwrite (AnomalyCLIP, AdaCLIP; methods.md 5.2, 6.1).
+- ``encode_windows``: WinCLIP window embeddings by token masking (docs/methods.md §2.1).
+- ``encode_text``: the text tower with per-block prompt overwrite (AnomalyCLIP, AdaCLIP;
+  docs/methods.md §5.2, §6.1).
 
 Conventions. Blocks are numbered from 1; "layer l" is the residual stream after block l. Every returned
-tensor is a fresh float32 tensor: nothing a later block does can change a stored layer (methods.md pitfall 1).
-The open_clip parameters are frozen and never modified in place; an image-size change builds a new
-positional-embedding parameter (pitfall 10). Import everything from here, not from ``zsad.clip_forward``.
+tensor is a fresh float32 tensor: nothing a later block does can change a stored layer
+(docs/methods.md pitfall 1). The open_clip parameters are frozen and never modified in place; an image-size
+change builds a new positional-embedding parameter (docs/methods.md pitfall 10). Import everything from here,
+not from ``zsad.clip_forward``.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 
 from zsad.clip_forward import AttnPath, ImageFeatures, text_forward, vision_forward, window_forward
 from zsad.data.images import OPENAI_MEAN, OPENAI_STD
+from zsad.device import resolve_device
 from zsad.tiny import CONFIG_DIR, TINY_NAME, WEIGHTS_FILE
 
 __all__ = [
@@ -162,13 +166,14 @@ class CLIPBackbone(nn.Module):
         images: Tensor,
         layers: tuple[int, ...] | list[int] = (),
         attn_path: AttnPath | None = None,
-        autocast: bool = False,
+        autocast: bool | torch.dtype | None = False,
         visual_prompts: dict[int, Tensor] | None = None,
     ) -> ImageFeatures:
         """One vision forward. ``layers``: 1-based blocks to tap (negative from the end). ``attn_path``: the
         second path (AnomalyCLIP / CLIP-AD). ``visual_prompts``: block -> (n, W) or (B, n, W) tokens entering
         before that block (AdaCLIP: appended at the first such block, replacing the last n at later ones;
-        excluded from every output). ``autocast``: bf16 autocast; outputs are float32 either way."""
+        excluded from every output). ``autocast``: True or torch.bfloat16 for bf16 autocast, torch.float16
+        for fp16 (CUDA only); outputs are float32 either way."""
         images = self._check_images(images)
         taps = _resolve(layers, self.num_layers, "layer")
         if attn_path is not None:  # start_block only matters for the residual variant
@@ -182,11 +187,15 @@ class CLIPBackbone(nn.Module):
     forward = encode_image
 
     def encode_windows(
-        self, images: Tensor, windows: Tensor, autocast: bool = False, chunk: int = 512
+        self,
+        images: Tensor,
+        windows: Tensor,
+        autocast: bool | torch.dtype | None = False,
+        chunk: int = 512,
     ) -> Tensor:
-        """WinCLIP window embeddings (methods.md 2.1) -> (B, K, D), not normalised. ``windows``: (K, n) patch
-        indices (row-major, 0..N-1); each window keeps CLS + its n tokens and runs all blocks, all windows
-        batched; ``chunk`` bounds the sequences per pass (memory only)."""
+        """WinCLIP window embeddings (docs/methods.md §2.1) -> (B, K, D), not normalised. ``windows``: (K, n)
+        patch indices (row-major, 0..N-1); each window keeps CLS + its n tokens and runs all blocks, all
+        windows batched; ``chunk`` bounds the sequences per pass (memory only)."""
         images = self._check_images(images)
         n_patches = self.grid_size[0] * self.grid_size[1]
         integer = isinstance(windows, Tensor) and windows.dtype in (torch.int32, torch.int64)
@@ -204,12 +213,13 @@ class CLIPBackbone(nn.Module):
         deep_prompts: dict[int, Tensor] | None = None,
         prompt_start: int = 1,
         token_embeddings: Tensor | None = None,
-        autocast: bool = False,
+        autocast: bool | torch.dtype | None = False,
     ) -> Tensor:
         """Text embeddings (N, D), not normalised. ``deep_prompts``: block (1-based) -> (n, W) or (N, n, W);
         before that block runs, positions prompt_start .. prompt_start+n-1 are overwritten (AnomalyCLIP: 1..4
-        at blocks 2..9; AdaCLIP: 1..5; methods.md 5.2, 6.1, pitfall 12). ``token_embeddings``: (N, L, W)
-        replacing the word embeddings (learnable word prompts); the ids still pick the EOT token (argmax)."""
+        at blocks 2..9; AdaCLIP: 1..5; docs/methods.md §5.2, §6.1, pitfall 12).
+        ``token_embeddings``: (N, L, W) replacing the word embeddings (learnable word prompts); the ids still
+        pick the EOT token (argmax)."""
         ids = (texts if isinstance(texts, Tensor) else self.tokenize(texts)).to(self.device)
         if ids.dim() != 2 or ids.shape[1] > self.context_length:
             raise ValueError(
@@ -235,8 +245,14 @@ class CLIPBackbone(nn.Module):
     def _by_block(self, prompts: dict[int, Tensor] | None, count: int, what: str) -> dict[int, Tensor]:
         return {_resolve([k], count, what)[0]: v.to(self.device) for k, v in (prompts or {}).items()}
 
-    def _precision(self, autocast: bool):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16) if autocast else nullcontext()
+    def _precision(self, autocast: bool | torch.dtype | None):
+        """Autocast context: False/None = fp32, True = bf16, or a dtype (fp16 only on CUDA)."""
+        if not autocast:
+            return nullcontext()
+        dtype = torch.bfloat16 if autocast is True else autocast
+        if dtype == torch.float16 and self.device.type != "cuda":
+            raise ValueError(f"fp16 autocast needs a CUDA device; {self.name} is on {self.device}")
+        return torch.autocast(self.device.type, dtype=dtype)
 
 
 def _resolve(values, count: int, what: str) -> list[int]:
@@ -303,21 +319,23 @@ def load_clip(
         pickles are read with ``weights_only=True``), "random" (seeded init: ``seed``, or one drawn from
         torch's RNG), or None: the shipped weights for zsad-tiny, a random init with a warning otherwise.
     image_size: run at this size; the positional embedding is resized (CLS row kept) with ``interpolation``
-        ("bicubic" as open_clip/APRIL-GAN, "bilinear" + antialias=False as AnomalyCLIP; methods.md 1.1).
+        ("bicubic" as open_clip/APRIL-GAN, "bilinear" + antialias=False as AnomalyCLIP; docs/methods.md §1.1).
     quick_gelu: None = what the weights were trained with: the tag's open_clip flag (True for "openai"),
         True for OpenAI JIT archives, else the model config. False runs OpenAI weights with exact GELU as
-        APRIL-GAN and AdaCLIP do (methods.md 13.1).
+        APRIL-GAN and AdaCLIP do (docs/methods.md §13.1).
+    device: "cpu" (default), "auto", "cuda" or "cuda:N" (:func:`zsad.device.resolve_device`).
     seed / cache_dir: seed of a random init; download cache (None = open_clip / huggingface_hub default).
     round_fp16: pass the weights that open_clip's ``build_model_from_openai_state_dict`` stores in fp16
         (Conv/Linear weights and biases, attention ``in_proj``, ``visual.proj``, ``text_projection``)
-        through fp16 and back, as APRIL-GAN and AdaCLIP load OpenAI weights (methods.md 13.8). A no-op for
-        the real OpenAI file (already fp16); it matters for fp32 files such as random test weights.
+        through fp16 and back, as APRIL-GAN and AdaCLIP load OpenAI weights (docs/methods.md §13.8). A no-op
+        for the real OpenAI file (already fp16); it matters for fp32 files such as random test weights.
 
     ``weights_id`` (for cache keys): the tag, "sha256-<16 hex>" of the file, or "random-<seed>", then
     "+quickgelu" when QuickGELU runs and "+<interpolation>[-aa]" when the positional embedding was resized.
     """
     if interpolation not in ("bicubic", "bilinear"):
         raise ValueError(f"interpolation must be 'bicubic' or 'bilinear', got {interpolation!r}")
+    target = resolve_device(device)  # a device this machine lacks fails before any weights are read
     name, cfg = _model_config(name)
     native, patch = cfg["vision_cfg"]["image_size"], cfg["vision_cfg"]["patch_size"]
     if image_size is not None and (not isinstance(image_size, numbers.Integral) or image_size % patch):
@@ -342,7 +360,7 @@ def load_clip(
         set_image_size(model, image_size, interpolation, antialias)
         weights_id += f"+{interpolation}{'-aa' if antialias else ''}"
     backbone = CLIPBackbone(
-        model.to(device),
+        model.to(target),
         name,
         None if pretrained is None else str(pretrained),
         weights_id,
@@ -380,7 +398,7 @@ def resize_positional_embedding(
     pos: Tensor, grid: tuple[int, int], interpolation: str = "bicubic", antialias: bool = True
 ) -> Tensor:
     """(1 + g*g, W) -> (1 + gh*gw, W) as a new tensor: CLS row kept, patch rows resampled on their 2-D grid
-    (align_corners=False; methods.md 1.1). ``pos`` itself is not modified."""
+    (align_corners=False; docs/methods.md §1.1). ``pos`` itself is not modified."""
     old = math.isqrt(pos.shape[0] - 1)
     if old * old != pos.shape[0] - 1:
         raise BackboneError(f"positional embedding with {pos.shape[0] - 1} patch rows is not a square grid")
@@ -396,7 +414,8 @@ def set_image_size(
     model: open_clip.CLIP, image_size: int, interpolation: str = "bicubic", antialias: bool = True
 ) -> None:
     """Make ``model.visual`` run at ``image_size``: a NEW positional-embedding parameter replaces the old one
-    (whose tensor is left untouched), and ``image_size`` / ``grid_size`` follow (pitfall 10)."""
+    (whose tensor is left untouched), and ``image_size`` / ``grid_size`` follow
+    (docs/methods.md pitfall 10)."""
     visual = model.visual
     patch = visual.patch_size[0]
     if not isinstance(image_size, numbers.Integral) or image_size <= 0 or image_size % patch:
@@ -584,8 +603,53 @@ def _load_weights(
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
-        detail = str(err).replace("\n", " ")
-        raise BackboneError(f"{source} does not fit model {name!r}: {detail[:600]}") from err
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        resized = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+        counts = f"{len(missing)} of its {len(expected)} keys missing, {len(unexpected)} unexpected"
+        if resized:
+            counts += f", {len(resized)} of another shape"
+        listing = ""
+        if os.environ.get("ZSAD_DEBUG") == "1":
+            listing = f" [missing: {missing}; unexpected: {unexpected}; other shape: {resized}]"
+        raise BackboneError(
+            f"{source} does not fit model {name!r} ({counts}); the file looks like {describe_state(state)}. "
+            f"Pass the --backbone it was made for (ZSAD_DEBUG=1 lists the keys){listing}"
+        ) from err
+
+
+def describe_state(state: dict[str, Tensor]) -> str:
+    """What a state dict looks like, for a weights file that does not fit: the open_clip ViT models whose
+    vision and text towers have its widths, depths and patch size, or the family its key names suggest."""
+    keys = list(state)
+    if any(k.startswith(("vision_model.", "text_model.")) for k in keys):
+        return "a Hugging Face transformers CLIP (convert it to open_clip's layout first)"
+    conv, pos = state.get("visual.conv1.weight"), state.get("visual.positional_embedding")
+    if conv is None or pos is None or "token_embedding.weight" not in state:
+        shown = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        return f"no open_clip CLIP ViT ({len(keys)} keys: {shown})"
+    vision_layers = len({k.split(".")[3] for k in keys if k.startswith("visual.transformer.resblocks.")})
+    text_layers = len({k.split(".")[2] for k in keys if k.startswith("transformer.resblocks.")})
+    found = {
+        "vision": (int(conv.shape[0]), vision_layers, int(conv.shape[-1])),
+        "text": (int(state["token_embedding.weight"].shape[1]), text_layers),
+    }
+    matches = []
+    for model_name in open_clip.list_models():
+        config = open_clip.get_model_config(model_name) or {}
+        vision, text = config.get("vision_cfg", {}), config.get("text_cfg", {})
+        if (vision.get("width"), vision.get("layers"), vision.get("patch_size")) == found["vision"] and (
+            text.get("width"),
+            text.get("layers"),
+        ) == found["text"]:
+            matches.append(model_name)
+    width, layers, patch = found["vision"]
+    shape = f"a CLIP ViT with width {width}, {layers} vision layers, patch {patch}"
+    if not matches:
+        return shape
+    shown = ", ".join(matches[:4]) + (", ..." if len(matches) > 4 else "")
+    return f"{shape}: {shown}"
 
 
 _SHA256_MEMO: dict[tuple[str, int, int], str] = {}  # hash each weight file once per process

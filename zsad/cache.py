@@ -16,14 +16,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from zsad.outputs import expand, share_like_umask
+
 
 def zsad_home() -> Path:
     """Where zsad keeps generated data and caches: ``$ZSAD_HOME`` or ``~/.cache/zsad``."""
-    return Path(os.environ.get("ZSAD_HOME", Path.home() / ".cache" / "zsad"))
+    return expand(os.environ.get("ZSAD_HOME", Path.home() / ".cache" / "zsad"))
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ["ZSAD_CACHE"]) if "ZSAD_CACHE" in os.environ else zsad_home() / "features"
+    return expand(os.environ["ZSAD_CACHE"]) if "ZSAD_CACHE" in os.environ else zsad_home() / "features"
 
 
 def default_synthad_root() -> Path:
@@ -39,7 +41,7 @@ class FeatureCache:
     """Maps (feature key, image path) to a dict of tensors stored as one safetensors file per image."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        self.root = Path(root) if root is not None else default_cache_dir()
+        self.root = expand(root) if root is not None else default_cache_dir()
         self.hits = 0
         self.misses = 0
 
@@ -62,4 +64,5 @@ class FeatureCache:
         (file.parent / "key.json").write_text(json.dumps(key, sort_keys=True, default=str))
         tmp = file.with_suffix(".tmp")
         save_file({k: v.detach().contiguous().cpu() for k, v in features.items()}, str(tmp))
+        share_like_umask(tmp)  # save_file writes 0600; a shared cache must stay readable by the group
         tmp.replace(file)

@@ -9,8 +9,8 @@ The second attention path, as read in the official code (zqhang/AnomalyCLIP 45ed
 ``in_proj`` gives q, k, v per head; the path's attention weights are softmax(a bᵀ · d_head^-0.5) with
 (a, b) = (q, k), (q, q), (k, k) or (v, v); the values are always v, then the block's ``out_proj``. Both
 repositories only implement v-v (they set q = k = v and multiply by v); q-q and k-k follow AnomalyCLIP's DPAM
-ablation (methods.md 12.1) with v kept as the values. The path never runs the FFN and always reads LN_1 of
-the original stream's block input.
+ablation (docs/methods.md §12.1) with v kept as the values. The path never runs the FFN and always reads LN_1
+of the original stream's block input.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ _MODE_PAIRS = {"qk": (0, 1), "qq": (0, 0), "kk": (1, 1), "vv": (2, 2)}  # indice
 
 @dataclass(frozen=True)
 class AttnPath:
-    """Second attention path run beside the original one (CLIP Surgery family; methods.md 4.1, 5.1, 12.1).
+    """Second attention path run beside the original one (CLIP Surgery family;
+    docs/methods.md §4.1, §5.1, §12.1).
 
     mode: which similarity gives the path's attention weights: "qk" (plain attention, a sanity mode), "qq",
         "kk" or "vv" (AnomalyCLIP's DPAM default and CLIP-AD). Values are always v.
@@ -39,8 +40,8 @@ class AttnPath:
         alone, inside a stage it accumulates. ``start_block`` is ignored.
     replace_cls: write the original stream's CLS (same layer) into the path's CLS before ``ln_post`` +
         ``proj``, as CLIP-AD does. None means True for "staged" and False for "residual".
-    legacy_aliasing: reproduce the official in-place aliasing (methods.md 4.6, 5.6, pitfall 1), only for
-        bit-parity with released checkpoints. "residual" (AnomalyCLIP before 2a7c886): the path tokens of
+    legacy_aliasing: reproduce the official in-place aliasing (docs/methods.md §4.6, §5.6, pitfall 1), only
+        for bit-parity with released checkpoints. "residual" (AnomalyCLIP before 2a7c886): the path tokens of
         every stored layer >= start_block - 1 equal the final path. "staged" (CLIP-AD): stored original
         tokens of layer l < L also hold block l+1's attention residual, and a path layer inside a stage holds
         the path at the end of its stage.
@@ -109,6 +110,20 @@ def attention(
     return outs
 
 
+
+def attention_weights(attn: nn.MultiheadAttention, x: Tensor, mode: str) -> Tensor:
+    """The weights softmax(a bᵀ / sqrt(d_head)) that :func:`attention` applies to v for ``mode``, per head:
+    (B, heads, L, L), rows summing to 1. For looking at the DPAM strategies (AnomalyCLIP's DPAM,
+    docs/methods.md §5.1, §12.1); the forward itself uses the fused kernel of :func:`attention`."""
+    if mode not in _MODE_PAIRS:
+        raise ValueError(f"mode must be one of {sorted(_MODE_PAIRS)}, got {mode!r}")
+    batch, length, width = x.shape
+    heads = attn.num_heads
+    qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)
+    qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+    a, b = _MODE_PAIRS[mode]
+    return (qkv[a] @ qkv[b].transpose(-1, -2) * (width // heads) ** -0.5).softmax(dim=-1)
+
 def mlp_residual(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
@@ -150,8 +165,9 @@ def _batched(prompts: Tensor, x: Tensor, what: str) -> Tensor:
 
 
 def place_prompts(x: Tensor, prompts: Tensor, current: int) -> tuple[Tensor, int]:
-    """AdaCLIP visual prompts (methods.md 6.1): appended at the end of the sequence the first time (current
-    = 0), the last ``current`` tokens replaced afterwards. Returns the sequence and the prompt count."""
+    """AdaCLIP visual prompts (docs/methods.md §6.1): appended at the end of the sequence the first time
+    (current = 0), the last ``current`` tokens replaced afterwards. Returns the sequence and the prompt
+    count."""
     prompts = _batched(prompts, x, "visual prompts")
     if current and prompts.shape[1] != current:
         raise ValueError(f"visual prompts must keep one length; got {prompts.shape[1]} after {current}")
@@ -240,8 +256,8 @@ def vision_forward(
 
 
 def window_forward(visual: VisionTransformer, images: Tensor, windows: Tensor, per_pass: int) -> Tensor:
-    """WinCLIP token masking (methods.md 2.1): the embedded sequence once, then CLS + each window's tokens
-    through all blocks, ``per_pass`` windows at a time -> ln_post + proj of CLS, (B, K, D)."""
+    """WinCLIP token masking (docs/methods.md §2.1): the embedded sequence once, then CLS + each window's
+    tokens through all blocks, ``per_pass`` windows at a time -> ln_post + proj of CLS, (B, K, D)."""
     x = embed_image(visual, images)
     index = torch.cat([windows.new_zeros(len(windows), 1), windows + 1], dim=1).to(x.device)
     outs = []
@@ -263,7 +279,7 @@ def text_forward(
     prompt_start: int = 1,
     token_embeddings: Tensor | None = None,
 ) -> Tensor:
-    """open_clip's CLIP text tower with per-block position overwrite (methods.md 5.2, 6.1, pitfall 12):
+    """open_clip's CLIP text tower with per-block position overwrite (docs/methods.md §5.2, §6.1, pitfall 12):
     embeddings (or ``token_embeddings``) + positions, causal blocks, ln_final, EOT pooling, projection."""
     prompts = prompts or {}
     length = ids.shape[1]

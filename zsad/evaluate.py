@@ -1,4 +1,4 @@
-"""Run any detector over a meta.json dataset and build the per-class table (methods.md 1.5, pitfall 21).
+"""Run any detector over a meta.json dataset and build the per-class table (docs/methods.md §1.5, pitfall 21).
 
 Every metric is computed per class (pixel metrics pool all pixels of the class's test images at S x S), then
 averaged without weights over classes. A class with a single label reports "n/a" (NaN), never 0.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import platform
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from zsad import metrics
 from zsad.cache import FeatureCache
 from zsad.methods.base import Detector
 
+MISSING_MASKS = ("exclude", "zero-fill")
 COLUMNS = (
     "image_auroc",
     "image_ap",
@@ -62,7 +64,9 @@ class EvalResult:
             out / "metrics.csv", index=False, float_format="%.6f", na_rep=""
         )
         (out / "metrics.md").write_text(self.to_markdown() + "\n")
-        self.scores.to_csv(out / "scores.csv", index=False, float_format="%.6f")
+        # Full precision: metrics recomputed from scores.csv must equal metrics.csv (rounding to 1e-6 made
+        # near-zero scores tie and moved the image AUROC by 2 points on the embedded world).
+        self.scores.to_csv(out / "scores.csv", index=False)
         run = {
             **self.config,
             "aupro_convention": self.aupro_convention,
@@ -96,8 +100,15 @@ def _collate(items: list[dict]) -> dict[str, Any]:
     }
 
 
+def _detector_device(detector: Detector) -> torch.device:
+    """The device of a detector's backbone (the CPU for detectors without one, e.g. an ONNX graph)."""
+    return getattr(getattr(detector, "backbone", None), "device", torch.device("cpu"))
+
+
 def _predict_batch(detector: Detector, batch: dict[str, Any], cache: FeatureCache | None):
-    images, class_names = batch["image"], batch["cls_name"]
+    # Pinned batches (CUDA) copy while the previous batch still runs.
+    images = batch["image"].to(_detector_device(detector), non_blocking=True)
+    class_names = batch["cls_name"]
     if cache is None or not hasattr(detector, "extract_features"):
         return detector.predict(images, class_names)
     key = detector.feature_key()
@@ -121,21 +132,45 @@ def evaluate(
     keep_maps: bool = False,
     cache: FeatureCache | bool | None = None,
     max_images_per_class: int | None = None,
+    missing_masks: str = "exclude",
+    workers: int = 0,
 ) -> EvalResult:
     """Predict every test image, then compute image and pixel metrics per class and their mean.
 
     ``cache=True`` stores frozen features on disk (:class:`zsad.cache.FeatureCache`) for detectors that split
     ``extract_features``/``predict_features``; a second run reads them instead of running the backbone.
     ``max_images_per_class`` keeps N evenly spaced images per class (quick looks; the run config says so).
+
+    ``missing_masks``: an anomalous image whose ``mask_path`` is empty, in a class that has pixel masks, is
+    left out of that class's pixel metrics (``"exclude"``, with a warning; the count per class is in the
+    config as ``pixel_excluded_images``) or scored against an all-zero mask as the official loaders do
+    (``"zero-fill"``; published pixel numbers on such data depend on it). Image metrics keep every image.
+
+    ``workers``: DataLoader processes decoding and resizing the images while the detector runs (results do
+    not depend on it); batches are pinned and copied asynchronously when the detector is on CUDA.
     """
     if aupro_convention not in metrics.AUPRO_CONVENTIONS:
         raise ValueError(f"aupro_convention must be one of {metrics.AUPRO_CONVENTIONS}")
+    if missing_masks not in MISSING_MASKS:
+        raise ValueError(f"missing_masks must be one of {', '.join(MISSING_MASKS)}; got {missing_masks!r}")
     if max_images_per_class is not None:
         dataset = _spread_per_class(dataset, max_images_per_class)
     if len(dataset) == 0:
         raise ValueError("the dataset is empty: check the split and class filter")
+    # meta.json records say which anomalous images lack a mask; other datasets say nothing: none flagged.
+    records = getattr(dataset, "items", None) or [{}] * len(dataset)
+    unmasked = iter([int(r.get("anomaly", 0)) == 1 and r.get("mask_path") == "" for r in records])
     feature_cache = FeatureCache() if cache is True else (cache or None)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0; got {workers}")
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=_collate,
+        num_workers=workers,
+        pin_memory=_detector_device(detector).type == "cuda",
+    )
     per_class: dict[str, dict[str, list]] = {}
     rows = []
     maps_out: dict[str, np.ndarray] = {}
@@ -147,7 +182,10 @@ def evaluate(
             # Score components a detector exposes for transductive post-processing (CLIP-AD's minmax-sum).
             parts = {k: v.float().cpu().numpy() for k, v in getattr(detector, "last_score_parts", {}).items()}
             for i, cls in enumerate(batch["cls_name"]):
-                acc = per_class.setdefault(cls, {"labels": [], "scores": [], "masks": [], "maps": []})
+                acc = per_class.setdefault(
+                    cls, {"labels": [], "scores": [], "masks": [], "maps": [], "unmasked": []}
+                )
+                acc["unmasked"].append(next(unmasked))
                 acc["labels"].append(batch["label"][i])
                 acc["scores"].append(float(scores[i]))
                 acc["masks"].append(batch["mask"][i].numpy() > 0.5)
@@ -168,11 +206,35 @@ def evaluate(
         scores_df = detector.finalize_scores(scores_df)
         for cls, acc in per_class.items():
             acc["scores"] = scores_df.loc[scores_df.cls_name == cls, "score"].tolist()
+    excluded = _exclude_unmasked(per_class) if missing_masks == "exclude" else {}
     table = metrics_table(per_class, aupro_convention)
     config = detector.config() if hasattr(detector, "config") else {}
+    config["missing_masks"] = missing_masks
+    config["pixel_excluded_images"] = excluded
     if max_images_per_class is not None:
         config["max_images_per_class"] = max_images_per_class
     return EvalResult(table, scores_df, aupro_convention, config, maps_out)
+
+
+def _exclude_unmasked(per_class: dict[str, dict[str, list]]) -> dict[str, int]:
+    """Drop anomalous images without a mask from the pixel lists of classes that have pixel masks (an
+    all-zero mask would count their defect pixels as normal); returns {class: images left out}."""
+    excluded = {}
+    for cls, acc in per_class.items():
+        flags = acc.pop("unmasked")
+        if not any(flags) or not any(mask.any() for mask in acc["masks"]):
+            continue  # nothing missing, or an image-only class: pixel metrics are n/a anyway
+        acc["masks"] = [m for m, gone in zip(acc["masks"], flags, strict=True) if not gone]
+        acc["maps"] = [m for m, gone in zip(acc["maps"], flags, strict=True) if not gone]
+        excluded[cls] = sum(flags)
+    if excluded:
+        counts = ", ".join(f"{cls}: {n}" for cls, n in sorted(excluded.items()))
+        warnings.warn(
+            f"anomalous test images without a mask_path are left out of the pixel metrics ({counts}); "
+            "missing_masks='zero-fill' (--missing-masks zero-fill) scores them against empty masks instead",
+            stacklevel=3,
+        )
+    return excluded
 
 
 def metrics_table(per_class: dict[str, dict[str, list]], aupro_convention: str = "cflow") -> pd.DataFrame:

@@ -1,6 +1,6 @@
 """Where plan runs execute: here (``local``, one or ``--jobs N`` at a time) or as Ray tasks (``ray``).
 
-Both executors call the same :func:`zsad.plans.execute_run` for every run, so the outputs, the skip/resume
+Both executors call the same :func:`zsad.runs.execute_run` for every run, so the outputs, the skip/resume
 rules and the failure semantics are the same: a failing notebook becomes a ``failed`` result and the other
 runs go on; an interrupt leaves every finished run's folder intact. The Ray executor declares each run's
 ``resources`` (e.g. ``num_gpus: 1`` for real-weight runs) on its task. Ray tasks write to ``reports/`` on
@@ -22,7 +22,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from zsad.plans import PlanRun, RunResult, execute_run
+from zsad.runs import PlanRun, RunResult, execute_run
 
 EXECUTORS = ("local", "ray")
 INTERRUPTED = 130  # exit status of an interrupted child run

@@ -1,4 +1,4 @@
-"""The losses of every trained method, once (methods.md 1.4).
+"""The losses of every trained method, once (docs/methods.md §1.4).
 
 APRIL-GAN, CLIP-AD SDP+, AnomalyCLIP and AdaCLIP carry identical copies of two losses from the Hsuxu
 segmentation toolbox; MFP-CLIP's paper names the same pair plus BCE on the image score. They are written here
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 FOCAL_GAMMA = 2.0
 FOCAL_SMOOTH = 1e-5
+DICE_MODES = ("per-image", "per-row")
 
 
 def focal_loss(
@@ -58,6 +59,18 @@ def binary_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1
     return 1.0 - dice.mean()
 
 
+def row_dice_loss(pred: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+    """:func:`binary_dice_loss` with every image row a sample of its own: the mean over images and rows of a
+    per-row dice. This is what AdaCLIP's official ``train_one_batch`` computes at its batch size 1, where
+    ``img_mask.squeeze()`` leaves an (H, W) mask whose first axis ``BinaryDiceLoss`` takes as the batch
+    (docs/methods.md §13.10)."""
+    if pred.shape != target.shape or pred.dim() < 2:
+        raise ValueError(
+            f"row_dice_loss: need equal shapes (..., H, W); got {tuple(pred.shape)}, {tuple(target.shape)}"
+        )
+    return binary_dice_loss(pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]), smooth)
+
+
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of logits (N, C) against integer labels (N,)."""
     return F.cross_entropy(logits, labels.long())
@@ -69,22 +82,32 @@ def binary_cross_entropy(probs: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def layer_losses(
-    layers: Sequence[int], probs: Sequence[torch.Tensor], mask: torch.Tensor, normal_dice: bool = False
+    layers: Sequence[int],
+    probs: Sequence[torch.Tensor],
+    mask: torch.Tensor,
+    normal_dice: bool = False,
+    dice: str = "per-image",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Sum over tapped layers of :func:`segmentation_loss`, and each layer's value as ``loss_layer<l>``
     (what the trainer logs)."""
-    losses = [segmentation_loss(p, mask, normal_dice) for p in probs]
+    losses = [segmentation_loss(p, mask, normal_dice, dice) for p in probs]
     parts = {f"loss_layer{layer}": loss.item() for layer, loss in zip(layers, losses, strict=True)}
     return sum(losses), parts
 
 
-def segmentation_loss(probs: torch.Tensor, mask: torch.Tensor, normal_dice: bool = False) -> torch.Tensor:
+def segmentation_loss(
+    probs: torch.Tensor, mask: torch.Tensor, normal_dice: bool = False, dice: str = "per-image"
+) -> torch.Tensor:
     """The per-layer map loss of the trained methods: focal(P, gt) + dice(P_abnormal, gt), plus
     dice(P_normal, 1 - gt) with ``normal_dice`` (AnomalyCLIP, AdaCLIP; APRIL-GAN and SDP+ have none).
 
     ``probs`` is (N, 2, H, W) with channel 0 normal and 1 abnormal; ``mask`` (N, H, W) in {0, 1}.
+    ``dice``: "per-image" (:func:`binary_dice_loss`) or "per-row" (:func:`row_dice_loss`).
     """
-    loss = focal_loss(probs, mask) + binary_dice_loss(probs[:, 1], mask)
+    if dice not in DICE_MODES:
+        raise ValueError(f"dice must be one of {', '.join(DICE_MODES)}; got {dice!r}")
+    dice_loss = binary_dice_loss if dice == "per-image" else row_dice_loss
+    loss = focal_loss(probs, mask) + dice_loss(probs[:, 1], mask)
     if normal_dice:
-        loss = loss + binary_dice_loss(probs[:, 0], 1.0 - mask)
+        loss = loss + dice_loss(probs[:, 0], 1.0 - mask)
     return loss

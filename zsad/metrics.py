@@ -1,6 +1,6 @@
 """Image- and pixel-level anomaly metrics: AUROC, AP, F1-max and AUPRO (two named conventions).
 
-Protocol (methods.md 1.5, pitfalls 8, 21, 22):
+Protocol (docs/methods.md §1.5, pitfall 8, pitfall 21, pitfall 22):
 
 - Every metric is computed per class; tables report the unweighted mean over classes (:func:`summarize`).
 - Pixel metrics pool all pixels of all test images of a class; they are not averaged per image.
@@ -112,7 +112,7 @@ def _pixel_inputs(masks: Any, maps: Any) -> tuple[np.ndarray, np.ndarray]:
     if m.shape != a.shape:
         raise ValueError(
             f"masks {m.shape} and maps {a.shape} differ in shape; resize the masks to the map resolution "
-            "(methods.md pitfall 8: metrics are computed at a stated resolution)."
+            "(docs/methods.md pitfall 8: metrics are computed at a stated resolution)."
         )
     if m.size == 0:
         raise ValueError(f"masks and maps are empty (shape {m.shape}); there is nothing to score.")
@@ -188,19 +188,20 @@ def average_precision(labels: Any, scores: Any) -> float:
 
 
 def f1_max(labels: Any, scores: Any) -> float:
-    """Best F1 over all thresholds of ``precision_recall_curve`` (methods.md 1.5); NaN for a single label."""
+    """Best F1 over all thresholds of ``precision_recall_curve`` (docs/methods.md §1.5); NaN for a single
+    label."""
     return image_metrics(labels, scores)["f1_max"]
 
 
 def image_metrics(labels: Any, scores: Any) -> dict[str, float]:
-    """Image-level ``auroc``, ``ap`` and ``f1_max`` of one class (methods.md 1.5).
+    """Image-level ``auroc``, ``ap`` and ``f1_max`` of one class (docs/methods.md §1.5).
 
     Args:
         labels: (N,) ground truth, 0 = normal, 1 = anomalous (bool, int or float in [0, 1]).
         scores: (N,) anomaly scores, higher = more anomalous (numpy, list or torch tensor).
 
     Returns:
-        Floats in [0, 1]; all NaN when the class has a single label (methods.md pitfall 22).
+        Floats in [0, 1]; all NaN when the class has a single label (docs/methods.md pitfall 22).
     """
     y, s = _image_inputs(labels, scores)
     return _curve_metrics(y, s)
@@ -209,9 +210,9 @@ def image_metrics(labels: Any, scores: Any) -> dict[str, float]:
 def pixel_metrics(masks: Any, maps: Any, aupro_convention: str = "cflow") -> dict[str, float]:
     """Pixel-level ``auroc``, ``ap``, ``f1_max`` and ``aupro`` of one class.
 
-    All pixels of all images are pooled (methods.md pitfall 21); AUPRO uses the named convention (see
+    All pixels of all images are pooled (docs/methods.md pitfall 21); AUPRO uses the named convention (see
     :func:`aupro`). Masks and maps must have the same (N, H, W) shape: the resolution is the caller's stated
-    choice (methods.md pitfall 8). Metrics are NaN when the class has no anomalous or no normal pixel.
+    choice (docs/methods.md pitfall 8). Metrics are NaN when the class has no anomalous or no normal pixel.
     """
     if aupro_convention not in AUPRO_CONVENTIONS:
         raise ValueError(f"aupro_convention must be one of {AUPRO_CONVENTIONS}, got {aupro_convention!r}.")
@@ -251,7 +252,8 @@ def _thresholds_for(thresholds: np.ndarray, dtype: np.dtype) -> np.ndarray:
 def cflow_curve(
     masks: Any, maps: Any, max_step: int = CFLOW_MAX_STEP
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
-    """Thresholds, FPR and PRO of the cflow-style curve (methods.md 1.5 steps 1-2), or None if undefined.
+    """Thresholds, FPR and PRO of the cflow-style curve (docs/methods.md §1.5 steps 1-2), or None if
+    undefined.
 
     Thresholds are ``np.arange(min, max, (max - min) / max_step)`` over all maps (so 200 or 201 of them,
     depending on rounding, exactly as the official code); a pixel is predicted anomalous when ``score > th``.
@@ -290,7 +292,7 @@ def _cflow_curve(
 def aupro_cflow(masks: Any, maps: Any, fpr_limit: float = 0.3, max_step: int = CFLOW_MAX_STEP) -> float:
     """AUPRO as in the official repos' ``cal_pro_score`` (cflow-ad -> APRIL-GAN -> AnomalyCLIP, CLIP-AD).
 
-    methods.md 1.5: the curve of :func:`cflow_curve` at about 200 thresholds; keep the points with
+    docs/methods.md §1.5: the curve of :func:`cflow_curve` at about 200 thresholds; keep the points with
     FPR < limit, min-max rescale those FPRs to [0, 1] (so the normalisation is the observed FPR span, not the
     limit) and take the trapezoid area (sklearn ``auc``). Equal to the official loop within float rounding,
     but without relabelling the masks per threshold.
@@ -352,7 +354,7 @@ def _exact_curve(
 
 
 def aupro_exact(masks: Any, maps: Any, fpr_limit: float = 0.3) -> float:
-    """AUPRO by the exact MVTec definition, as anomalib >= 2.3 computes it (methods.md 1.5, "exact").
+    """AUPRO by the exact MVTec definition, as anomalib >= 2.3 computes it (docs/methods.md §1.5, "exact").
 
     Regions are 8-connected components of every mask, numbered across the class. All pixels are ranked once
     by score (descending); cumulative sums give the (FPR, PRO) curve with one point per distinct score,
@@ -388,13 +390,15 @@ def _check_fpr_limit(fpr_limit: float) -> None:
 
 
 def aupro(masks: Any, maps: Any, convention: str = "cflow", fpr_limit: float = 0.3) -> float:
-    """Area under the per-region-overlap curve up to ``fpr_limit``, in a named convention (methods.md 1.5).
+    """Area under the per-region-overlap curve up to ``fpr_limit``, in a named convention
+    (docs/methods.md §1.5).
 
     Args:
         masks: (N, H, W) ground truth, bool/0-1 (floats in [0, 1] are binarised at 0.5); numpy or torch.
         maps: (N, H, W) anomaly maps at the same resolution; numpy or torch.
         convention: ``"cflow"`` (official repos' ``cal_pro_score``, :func:`aupro_cflow`) or ``"exact"``
-            (anomalib >= 2.3, :func:`aupro_exact`). They differ by up to a few points (methods.md pitfall 8).
+            (anomalib >= 2.3, :func:`aupro_exact`). They differ by up to a few points
+            (docs/methods.md pitfall 8).
         fpr_limit: integration limit on the false positive rate.
 
     Returns:
@@ -420,7 +424,7 @@ def format_value(x: float | None, digits: int = 1) -> str:
 
 
 def summarize(per_class: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """Unweighted mean over classes per metric (methods.md 1.5, pitfall 21), ignoring NaN classes.
+    """Unweighted mean over classes per metric (docs/methods.md §1.5, pitfall 21), ignoring NaN classes.
 
     A metric that is NaN (or missing) in every class stays NaN.
     """

@@ -1,8 +1,8 @@
 """Hand-crafted prompt banks and the reducers that turn a bank into one text vector per state.
 
-Every method builds a 2-column text matrix ``[t_normal, t_abnormal]`` per class (methods.md 1.2): format each
-state word with the class name, put it in every template, encode, L2-normalise each sentence embedding, reduce
-(mean, or CLIP-AD's Representative Vector Selection, methods.md 4.2) and re-normalise.
+Every method builds a 2-column text matrix ``[t_normal, t_abnormal]`` per class (docs/methods.md §1.2): format
+each state word with the class name, put it in every template, encode, L2-normalise each sentence embedding,
+reduce (mean, or CLIP-AD's Representative Vector Selection, docs/methods.md §4.2) and re-normalise.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ _BASE_NORMAL = (
     "{} without damage",
 )
 _WINCLIP_ABNORMAL = ("damaged {}", "{} with flaw", "{} with defect", "{} with damage")
-# APRIL-GAN, AnomalyCLIP and AdaCLIP add "broken" to WinCLIP's four abnormal states (methods.md 1.2).
+# APRIL-GAN, AnomalyCLIP and AdaCLIP add "broken" to WinCLIP's four abnormal states (docs/methods.md §1.2).
 _APRILGAN_ABNORMAL = ("damaged {}", "broken {}", "{} with flaw", "{} with defect", "{} with damage")
 
 
 def _both_articles(*phrases: str, period: bool) -> tuple[str, ...]:
-    """WinCLIP's compositional templates: each phrase once with "a" and once with "the" (WinCLIP sec. 4.2)."""
+    """WinCLIP's compositional templates: each phrase once with "a" and once with "the" (WinCLIP sec. 4.1)."""
     end = "." if period else ""
     return tuple(f"{p.format(article=art)}{end}" for p in phrases for art in ("a", "the"))
 
@@ -54,10 +54,10 @@ _WINCLIP_PHRASES = (
 # The 22-template set of the WinCLIP paper (caoyunkang: no trailing period; CLIP-AD: with periods).
 WINCLIP_TEMPLATES = _both_articles(*_WINCLIP_PHRASES, period=False)
 CLIPAD_TEMPLATES = _both_articles(*_WINCLIP_PHRASES, period=True)
-# anomalib's 21-template list (its ``prompting.TEMPLATES``, 2.x; also zqhang's reproduction, methods.md 1.2),
-# in its order: "a cropped photo of a {}." and "a jpeg corrupted photo of a {}." are missing and "a jpeg
-# corrupted photo of the {}." appears twice, so 20 distinct templates and 147 / 84 sentences for 7 / 4
-# states. Offered only to reproduce anomalib's numbers.
+# anomalib's 21-template list (its ``prompting.TEMPLATES``, 2.x; also zqhang's reproduction,
+# docs/methods.md §1.2), in its order: "a cropped photo of a {}." and "a jpeg corrupted photo of a {}." are
+# missing and "a jpeg corrupted photo of the {}." appears twice, so 20 distinct templates and 147 / 84
+# sentences for 7 / 4 states. Offered only to reproduce anomalib's numbers.
 ANOMALIB_TEMPLATES = (
     "a cropped photo of the {}.",
     "a close-up photo of a {}.",
@@ -120,7 +120,7 @@ APRILGAN_TEMPLATES = (
     "this is the {} in the scene.",
     "this is one {} in the scene.",
 )
-# AdaCLIP keeps only four of them (methods.md 1.2).
+# AdaCLIP keeps only four of them (docs/methods.md §1.2).
 ADACLIP_TEMPLATES = (
     "a bad photo of a {}.",
     "a low resolution photo of the {}.",
@@ -152,7 +152,7 @@ BANKS: dict[str, PromptBank] = {
     "adaclip": PromptBank("adaclip", _BASE_NORMAL, _APRILGAN_ABNORMAL, ADACLIP_TEMPLATES),
     "clipad": PromptBank(
         "clipad",
-        # CLIP-AD drops the bare "{}" and negates three specific defects (methods.md 1.2).
+        # CLIP-AD drops the bare "{}" and negates three specific defects (docs/methods.md §1.2).
         _BASE_NORMAL[1:] + ("{} without scratch", "{} without crack", "{} without contamination"),
         (
             "damaged {}",
@@ -180,12 +180,14 @@ def get_bank(name: str) -> PromptBank:
 def class_phrase(class_name: str, replace_underscores: bool = False) -> str:
     """Class names come from meta.json keys (``metal_nut``); the official code keeps them as they are.
 
-    ``replace_underscores`` maps ``_`` and ``-`` to spaces (AdaCLIP replaces only ``-``; methods.md 1.2).
+    ``replace_underscores`` maps ``_`` and ``-`` to spaces (AdaCLIP replaces only ``-``;
+    docs/methods.md §1.2).
     """
     return class_name.replace("_", " ").replace("-", " ") if replace_underscores else class_name
 
 
-# ----------------------------------------------------------------- reducers (CLIP-AD RVS, methods.md 4.2)
+# ----------------------------------------------------------------- reducers (CLIP-AD RVS,
+# docs/methods.md §4.2)
 def _largest_cluster_mean(x: np.ndarray, labels: np.ndarray) -> np.ndarray:
     valid = labels[labels >= 0]
     if valid.size == 0:
@@ -240,7 +242,8 @@ REDUCERS = {
     "mean_shift": reduce_mean_shift,
     "dbscan": reduce_dbscan,
 }
-# CLIP-AD tuned DBSCAN per target dataset (methods.md 4.2): a tuning choice, named here so it is visible.
+# CLIP-AD tuned DBSCAN per target dataset (docs/methods.md §4.2): a tuning choice, named here so it is
+# visible.
 DBSCAN_SETTINGS = {"mvtec": {"eps": 0.5, "min_samples": 15}, "visa": {"eps": 1.5, "min_samples": 25}}
 
 
@@ -284,10 +287,12 @@ def encode_sentences(
     """Encode sentences with the backbone's text tower; (N, D), L2-normalised per sentence by default.
 
     Cached per backbone (the hand-crafted prompt banks of WinCLIP, APRIL-GAN, CLIP-AD, AdaCLIP repeat the same
-    sentences for every detector and class), separately for fp32 and bf16 autocast. Callers must not modify
-    the returned tensor in place.
+    sentences for every detector and class), separately per device and autocast state (a backbone moved to
+    another device re-encodes there). Callers must not modify the returned tensor in place.
     """
-    key = (tuple(sentences), bool(normalize), torch.is_autocast_enabled("cpu"))
+    device = backbone.device
+    autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+    key = (tuple(sentences), bool(normalize), str(device), autocast)
     cache = _SENTENCE_CACHE.setdefault(backbone, {})
     if key not in cache:
         chunks = [
@@ -307,9 +312,10 @@ def text_features(
     normalize_sentences: bool = True,
     **reducer_options: float,
 ) -> torch.Tensor:
-    """The (D, 2) matrix ``[t_normal, t_abnormal]`` of unit vectors for one class (methods.md 1.2).
+    """The (D, 2) matrix ``[t_normal, t_abnormal]`` of unit vectors for one class (docs/methods.md §1.2).
 
-    ``normalize_sentences=False`` averages raw sentence embeddings, as anomalib's WinCLIP does (pitfall 11).
+    ``normalize_sentences=False`` averages raw sentence embeddings, as anomalib's WinCLIP does
+    (docs/methods.md pitfall 11).
     """
     bank = get_bank(bank) if isinstance(bank, str) else bank
     columns = []

@@ -30,11 +30,25 @@ def render_notebook(
         raise FileNotFoundError(f"no notebook at {notebook}")
     out.mkdir(parents=True, exist_ok=True)
     executed = out / notebook.name
-    params = {**(parameters or {}), "out_dir": str(out.resolve())}
+    params = report_parameters(notebook, parameters or {}, out)
     pm.execute_notebook(
         str(notebook), str(executed), parameters=params, progress_bar=progress, cwd=str(Path.cwd())
     )
     return export_html(executed)
+
+
+def report_parameters(
+    notebook: str | Path, parameters: dict[str, Any], out_dir: str | Path
+) -> dict[str, Any]:
+    """The parameters a rendered report runs with: ``out_dir`` (where the notebook writes its files) and,
+    for a notebook that declares a ``progress`` parameter, ``progress=False``: progress bars belong on the
+    terminal of ``zsad report`` (papermill's own), not as stderr blocks or widgets in the rendered page. A
+    person who runs the notebook in JupyterLab keeps its default, bars on. An explicit ``progress`` wins."""
+    import papermill as pm
+
+    declared = pm.inspect_notebook(str(notebook))
+    quiet = {"progress": False} if "progress" in declared else {}
+    return {**quiet, **parameters, "out_dir": str(Path(out_dir).resolve())}
 
 
 def export_html(executed: str | Path) -> Path:

@@ -1,16 +1,16 @@
 """One trainer for every method with learned parts on a frozen CLIP (APRIL-GAN, CLIP-AD SDP+, ...).
 
-Protocol (methods.md 1.3, pitfall 15): train on the **test split of an auxiliary dataset** (it has normal and
-anomalous images with masks), then evaluate zero-shot on a different target dataset. Fine-tuning on a target
-that has a labelled training split (TN3K, methods.md 12.2) trains on that ``split="train"`` instead, starting
-from a zero-shot checkpoint (``init_from``), so the target's test split is never read.
+Protocol (docs/methods.md §1.3, pitfall 15): train on the **test split of an auxiliary dataset** (it has
+normal and anomalous images with masks), then evaluate zero-shot on a different target dataset. Fine-tuning on
+a target that has a labelled training split (TN3K, docs/methods.md §12.2) trains on that ``split="train"``
+instead, starting from a zero-shot checkpoint (``init_from``), so the target's test split is never read.
 
 What the trainer guarantees:
 
 - **Frozen features are computed once.** The image encoder is frozen, so its features are exact to cache:
   epoch 1 runs it and stores each image's features in :class:`zsad.cache.FeatureCache`; later epochs read
-  them. Mosaic images (APRIL-GAN, methods.md 3.4: four random test images of one class stitched 2x2, masks
-  alike) are new images every time they are drawn, so *they* run the encoder; nothing else does.
+  them. Mosaic images (APRIL-GAN, docs/methods.md §3.4: four random test images of one class stitched 2x2,
+  masks alike) are new images every time they are drawn, so *they* run the encoder; nothing else does.
 - **Seeded and deterministic on CPU.** The learned parts are initialised under ``torch.manual_seed(seed)``;
   epoch e shuffles with a generator seeded by (seed, e) and draws mosaics from ``numpy`` seeded by (seed, e),
   so a resumed run sees exactly the batches an uninterrupted one sees.
@@ -20,7 +20,7 @@ What the trainer guarantees:
 
 CPU memory: long PyTorch runs grow through glibc's allocator unless ``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_`` (1 MiB) and ``MALLOC_ARENA_MAX=2`` are set before Python starts; the Makefile
-exports them and :func:`train` warns when they are missing.
+exports them and ``zsad train --help`` says so (a warning on every run only added noise).
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
+import shutil
 import time
-import warnings
+from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -37,21 +40,24 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from zsad.cache import FeatureCache
 from zsad.data.dataset import AnomalyDataset, load_dataset, preprocess_image, preprocess_mask
 from zsad.data.images import DataError, load_pair
 from zsad.data.meta import record_mask_path, resolve_path
+from zsad.device import prepare
 from zsad.methods.base import TrainableDetector
+from zsad.outputs import expand, share_like_umask
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_FILE = "train_state.pt"
 LOG_FILE = "train_log.csv"
 LR_DECAYS = ("none", "inverse-epoch")
-MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 
 
 @dataclass
@@ -89,12 +95,19 @@ class TrainSettings:
         return self.lr / (epoch + 1) if self.lr_decay == "inverse-epoch" else self.lr
 
 
+def preset_options(cls: type[TrainableDetector], preset: str | None) -> dict[str, Any]:
+    """The detector options a training preset sets (its "options" entry; e.g. AdaCLIP's "official" preset
+    trains with the official per-row dice); options given to :func:`train` win over them."""
+    return dict(cls.train_presets.get(preset or "", {}).get("options", {}))
+
+
 def resolve_settings(cls: type[TrainableDetector], preset: str | None, **overrides: Any) -> TrainSettings:
     """Class defaults, then the named preset, then every override that is not None."""
     if preset is not None and preset not in cls.train_presets:
         known = ", ".join(sorted(cls.train_presets)) or "none"
         raise ValueError(f"{cls.method_id} has no training preset {preset!r}; presets: {known}")
-    values = {**cls.train_settings, **(cls.train_presets.get(preset, {}) if preset else {})}
+    preset_settings = {k: v for k, v in cls.train_presets.get(preset or "", {}).items() if k != "options"}
+    values = {**cls.train_settings, **preset_settings}
     values.update({k: v for k, v in overrides.items() if v is not None})
     names = {f.name for f in fields(TrainSettings)}
     unknown = sorted(set(values) - names)
@@ -127,7 +140,7 @@ def check_aux_dataset(dataset: AnomalyDataset) -> None:
 def mosaic_item(
     dataset: AnomalyDataset, cls: str, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """APRIL-GAN's mosaic (methods.md 3.4): four test images of class ``cls`` (each: a defect type drawn
+    """APRIL-GAN's mosaic (docs/methods.md §3.4): four test images of class ``cls`` (each: a defect type drawn
     uniformly, then one of its images), pasted 2x2 at their own size, masks alike, then preprocessed.
     Returns (image, mask, label) with label 1 when any tile is anomalous (our choice; APRIL-GAN has no
     image loss and keeps the replaced item's label)."""
@@ -160,15 +173,58 @@ def mosaic_item(
     )
 
 
+class ItemReader(Dataset):
+    """What one training item needs from disk, read in DataLoader workers: its cached frozen features, or on
+    a miss its decoded image; its mask and label. Items in ``resident`` (features kept on the device) read
+    the mask and label only."""
+
+    def __init__(self, dataset: AnomalyDataset, cache: FeatureCache, key: dict[str, Any]) -> None:
+        self.dataset, self.cache, self.key = dataset, cache, key
+        self.resident: frozenset[int] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.dataset.items[index]
+        path = resolve_path(self.dataset.root, record["img_path"])
+        label = int(record["anomaly"])
+        item = {"index": index, "path": path, "label": label, "features": None, "image": None}
+        if index not in self.resident:
+            item["features"] = self.cache.get(self.key, path)
+        if item["features"] is None and index not in self.resident:
+            decoded = self.dataset[index]
+            item["image"], item["mask"] = decoded["image"], decoded["mask"]
+        else:  # features at hand: decode the mask only, never the image
+            item["mask"] = self.dataset.mask(index)
+        return item
+
+
 class FeatureSource:
     """Frozen features per dataset item: disk cache first, the encoder (batched) for what is missing.
 
+    Items are read by :class:`ItemReader` in ``workers`` DataLoader processes (pinned memory on CUDA) and
+    each batch moves to the backbone's device; ``keep_on_device`` keeps every item's features there after
+    its first read, so later epochs read only masks from disk (for auxiliary sets that fit in its memory).
     ``encoder_images`` counts the images the image encoder ran on (tests and the benchmark read it).
     """
 
-    def __init__(self, detector: TrainableDetector, dataset: AnomalyDataset, cache: FeatureCache) -> None:
+    def __init__(
+        self,
+        detector: TrainableDetector,
+        dataset: AnomalyDataset,
+        cache: FeatureCache,
+        workers: int = 0,
+        keep_on_device: bool = False,
+    ) -> None:
+        if workers < 0:
+            raise ValueError(f"workers must be >= 0; got {workers}")
         self.detector, self.dataset, self.cache = detector, dataset, cache
         self.key = detector.feature_key()
+        self.device = detector.backbone.device
+        self.reader = ItemReader(dataset, cache, self.key)
+        self.workers, self.keep_on_device = workers, keep_on_device
+        self.resident: dict[int, dict[str, torch.Tensor]] = {}
         self.encoder_images = 0
 
     def encode(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -176,39 +232,50 @@ class FeatureSource:
         with torch.no_grad():
             return self.detector.extract_features(images)
 
-    def batch(self, indices: list[int], mosaic: dict[int, tuple]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """(features stacked over the batch, masks (B, S, S), labels (B,)) for the given item indices;
-        ``mosaic`` maps a position in ``indices`` to a replacement (image, mask, label)."""
-        per_item: list[dict[str, torch.Tensor] | None] = [None] * len(indices)
-        masks: list[torch.Tensor | None] = [None] * len(indices)
-        labels = [0] * len(indices)
+    def epoch(self, batches: list[list[int]]) -> Iterator[list[dict[str, Any]]]:
+        """The items of each batch, in order, read ahead by the workers."""
+        self.reader.resident = frozenset(self.resident)
+        return iter(
+            DataLoader(
+                self.reader,
+                batch_sampler=batches,
+                collate_fn=list,
+                num_workers=self.workers,
+                pin_memory=self.device.type == "cuda",
+            )
+        )
+
+    def batch(
+        self, items: list[dict[str, Any]], mosaic: dict[int, tuple]
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """(features stacked over the batch, masks (B, S, S), labels (B,)) on the backbone's device for the
+        items of one batch; ``mosaic`` maps a position in ``items`` to a replacement (image, mask, label)."""
+        per_item: list[dict[str, torch.Tensor] | None] = [None] * len(items)
+        masks: list[torch.Tensor | None] = [None] * len(items)
+        labels = [0] * len(items)
         to_encode: list[tuple[int, torch.Tensor]] = []
-        for pos, index in enumerate(indices):
+        for pos, item in enumerate(items):
             if pos in mosaic:
                 image, masks[pos], labels[pos] = mosaic[pos]
                 to_encode.append((pos, image))
                 continue
-            record = self.dataset.items[index]
-            labels[pos] = int(record["anomaly"])
-            path = resolve_path(self.dataset.root, record["img_path"])
-            per_item[pos] = self.cache.get(self.key, path)
+            masks[pos], labels[pos] = item["mask"], item["label"]
+            per_item[pos] = self.resident.get(item["index"], item["features"])
             if per_item[pos] is None:
-                item = self.dataset[index]
-                masks[pos] = item["mask"]
                 to_encode.append((pos, item["image"]))
-            else:  # cached features: decode the mask only, never the image
-                masks[pos] = self.dataset.mask(index)
         if to_encode:
             fresh = self.encode(torch.stack([image for _, image in to_encode]))
             for j, (pos, _) in enumerate(to_encode):
                 per_item[pos] = {name: value[j] for name, value in fresh.items()}
                 if pos not in mosaic:
-                    record = self.dataset.items[indices[pos]]
-                    self.cache.put(
-                        self.key, resolve_path(self.dataset.root, record["img_path"]), per_item[pos]
-                    )
+                    self.cache.put(self.key, items[pos]["path"], per_item[pos])
+        move = {"device": self.device, "non_blocking": True}
+        per_item = [{name: value.to(**move) for name, value in f.items()} for f in per_item]
+        if self.keep_on_device:
+            kept = {item["index"]: per_item[pos] for pos, item in enumerate(items) if pos not in mosaic}
+            self.resident.update(kept)
         features = {name: torch.stack([f[name] for f in per_item]) for name in per_item[0]}
-        return features, torch.stack(masks), torch.tensor(labels)
+        return features, torch.stack(masks).to(**move), torch.tensor(labels).to(**move)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -284,6 +351,7 @@ def load_checkpoint(
     backbone: str | None = None,
     weights: str | None = None,
     image_size: int | None = None,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> TrainableDetector:
     """Rebuild a trained detector from a checkpoint directory (``config.json`` + ``model.safetensors``).
@@ -291,8 +359,10 @@ def load_checkpoint(
     Backbone, weights, image size and method options come from the config. An argument given here must
     agree with it: a contradiction is an error, never a silent override (``method_id`` too: a checkpoint
     of another method is refused). Only the method's ``inference_options`` (e.g. ``image_score``,
-    ``sigma``) may differ from the recorded ones.
+    ``sigma``) may differ from the recorded ones. ``device`` (None = the CPU): where it runs, whatever device
+    trained it (the file holds CPU tensors; ``device``/``precision`` are checked before weights load).
     """
+    from zsad.device import prepare
     from zsad.methods import get_class
 
     out = Path(out_dir)
@@ -324,11 +394,39 @@ def load_checkpoint(
     model_file = out / MODEL_FILE
     if not model_file.is_file():
         raise FileNotFoundError(f"{out} has no {MODEL_FILE}: training has not completed an epoch there")
-    detector = get_class(config["method"])(
-        _recorded_backbone(config, out), **{**config["options"], **options}
-    )
-    detector.load_learned(load_file(str(model_file)), source=str(model_file))
+    merged = {**config["options"], **options}
+    target = prepare("cpu" if device is None else device, merged.get("precision", "fp32"))
+    detector = get_class(config["method"])(_recorded_backbone(config, out, target), **merged)
+    detector.load_learned(read_model_file(model_file), source=str(model_file))
     return detector
+
+
+def read_model_file(model_file: Path) -> dict[str, torch.Tensor]:
+    """``model.safetensors`` of a checkpoint; a damaged one (cut short by a full disk or a copy) is a
+    ValueError that says how to rebuild it from ``train_state.pt`` when that is there."""
+    try:
+        return load_file(str(model_file), device="cpu")
+    except SafetensorError as err:
+        if (model_file.parent / STATE_FILE).is_file():
+            fix = (
+                f"rebuild it from {STATE_FILE} (re-runs the last epoch's save): zsad train --method METHOD "
+                f"--aux AUX --out {model_file.parent} --resume"
+            )
+        else:
+            fix = "train again into this folder with --overwrite"
+        raise ValueError(f"{model_file} is damaged ({err}); {fix}") from err
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    """``train_state.pt``; a damaged one names the file and the way out instead of torch's zip error."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        first = (str(err).splitlines() or [""])[0][:120]
+        raise ValueError(
+            f"{path} is damaged ({type(err).__name__}: {first}); the run cannot continue from it: start it "
+            f"again with --overwrite ({MODEL_FILE} still holds the last saved weights for eval)"
+        ) from err
 
 
 def read_learned(path: str | os.PathLike, method_id: str) -> dict[str, torch.Tensor]:
@@ -344,7 +442,7 @@ def read_learned(path: str | os.PathLike, method_id: str) -> dict[str, torch.Ten
             raise ValueError(f"{path} holds a {config['method']!r} checkpoint, not {method_id!r}")
         if not (path / MODEL_FILE).is_file():
             raise FileNotFoundError(f"{path} has no {MODEL_FILE}: its training has not completed an epoch")
-        return load_file(str(path / MODEL_FILE))
+        return read_model_file(path / MODEL_FILE)
     key = OFFICIAL.get(method_id, {}).get("checkpoint_key")
     if key is None:
         raise ValueError(
@@ -353,14 +451,16 @@ def read_learned(path: str | os.PathLike, method_id: str) -> dict[str, torch.Ten
     return read_official_checkpoint(path, key)
 
 
-def _recorded_backbone(config: dict[str, Any], where: Path):
-    """The backbone a checkpoint was trained on, rebuilt from its record; its weights id must match."""
+def _recorded_backbone(config: dict[str, Any], where: Path, device: torch.device | str = "cpu"):
+    """The backbone a checkpoint was trained on, rebuilt from its record on ``device``; its weights id must
+    match."""
     from zsad.backbone import load_clip
 
     clip = load_clip(
         config["backbone"],
         pretrained=config["weights"],
         image_size=config["image_size"],
+        device=device,
         **config.get("backbone_options", {}),
     )
     if config.get("weights_id") and clip.weights_id != config["weights_id"]:
@@ -371,23 +471,105 @@ def _recorded_backbone(config: dict[str, Any], where: Path):
     return clip
 
 
+def _on_cpu(obj: Any) -> Any:
+    """``obj`` with every tensor inside (dicts, lists) copied to the CPU: checkpoints never name a device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
+def _save_shared(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' ``save_file`` creates 0600 files; the checkpoint gets the user's umask like the others."""
+    save_file(tensors, str(path))
+    share_like_umask(path)
+
+
 def _save_epoch(
     out: Path,
     detector: TrainableDetector,
     optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
     epoch: int,
     record: dict[str, Any],
     log: list[dict[str, Any]],
 ) -> None:
-    state = {"epoch": epoch, "learned": detector.learned_state(), "optimizer": optimizer.state_dict()}
+    state = {
+        "epoch": epoch,
+        "learned": detector.learned_state(),
+        "optimizer": _on_cpu(optimizer.state_dict()),
+        "scaler": scaler.state_dict(),  # {} unless fp16 training
+        "log": log,  # the log rows travel with the state they describe (a kill may fall between the files)
+    }
     # train_state.pt alone carries everything a resume needs, so each rename leaves a whole checkpoint.
     _atomic_write(out / STATE_FILE, lambda tmp: torch.save(state, tmp))
-    _atomic_write(out / MODEL_FILE, lambda tmp: save_file(detector.learned_state(), str(tmp)))
+    _atomic_write(out / MODEL_FILE, lambda tmp: _save_shared(detector.learned_state(), tmp))
     _write_json(out / CONFIG_FILE, {**record, "epochs_done": epoch})
     _write_log(out / LOG_FILE, log)
 
 
 # ------------------------------------------------------------------------------------------ training
+def _comparable(value: Any) -> Any:
+    """Values as config.json stores them (tuples as lists, paths as text), so equal settings compare equal."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def check_resume(
+    out: Path, previous: dict[str, Any], given: dict[str, Any], epochs: int | None, options: dict[str, Any]
+) -> None:
+    """Every setting given to a resumed run must equal the interrupted run's (config.json): a contradiction
+    is a ValueError naming both values, never a silent override. ``epochs`` may grow (train on), not fall
+    below the epochs already done. None means "not given"."""
+    train_cfg, aux = previous["train"], previous["aux"]
+    stored = {
+        "backbone": previous["backbone"],
+        "weights": previous["weights"],
+        "image_size": previous["image_size"],
+        **{k: train_cfg[k] for k in ("seed", "batch_size", "lr", "mosaic", "shuffle")},
+        "preset": previous.get("preset"),
+        "classes": aux["classes"],
+        "meta": aux.get("meta"),
+        "split": aux.get("split", "test"),
+        "init_from": previous.get("init_from"),
+        "aux": aux["root"],
+    }
+    paths = ("meta", "init_from", "aux")
+    for key, value in given.items():
+        if value is None:
+            continue
+        was = stored[key]
+        if key in paths:
+            same = was is not None and expand(value).resolve() == Path(was).resolve()
+        elif key == "classes":
+            same = sorted(value) == sorted(was)
+        elif key in ("backbone", "weights", "image_size"):
+            same = str(value) == str(was)
+        else:
+            same = _comparable(value) == _comparable(was)
+        if not same:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(
+                f"--resume: {out} was started with {flag} {was}; got {flag} {value}. Drop the flag to "
+                "continue that run, or --overwrite to start again with the new value"
+            )
+    for name, value in options.items():
+        was = previous["options"].get(name, "(not set)")
+        if _comparable(value) != _comparable(was):
+            raise ValueError(
+                f"--resume: {out} was started with -o {name} {json.dumps(_comparable(was))}; got -o {name} "
+                f"{json.dumps(_comparable(value))}. Drop the option to continue that run, or --overwrite"
+            )
+    done = int(previous.get("epochs_done", 0))
+    if epochs is not None and epochs < done:
+        raise ValueError(
+            f"--resume: {out} already has {done} epochs done; --epochs {epochs} would not train (give "
+            f"--epochs {done} or more to train on, or --overwrite to start again)"
+        )
+
+
 def _make_optimizer(params, settings: TrainSettings) -> torch.optim.Optimizer:
     kind = torch.optim.AdamW if settings.optimizer == "adamw" else torch.optim.Adam
     return kind(params, lr=settings.lr, betas=settings.betas, weight_decay=settings.weight_decay)
@@ -418,12 +600,15 @@ def train(
     preset: str | None = None,
     classes: list[str] | None = None,
     meta: str | os.PathLike | None = None,
-    split: str = "test",
+    split: str | None = None,
     init_from: str | os.PathLike | None = None,
     resume: bool = False,
     overwrite: bool = False,
     cache: FeatureCache | str | os.PathLike | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
+    workers: int = 0,
+    features_on_device: bool = False,
     **options: Any,
 ) -> Path:
     """Train ``method_id`` on the ``split`` split (default the test split) of ``aux_root`` and write a
@@ -432,24 +617,25 @@ def train(
     Settings: the method's paper defaults (``train_settings``), then ``preset`` (e.g. APRIL-GAN's
     "aux-mvtec" / "aux-visa"), then any argument given here. ``options`` go to the detector (e.g.
     ``layers``). ``split="train"`` with ``init_from`` fine-tunes on a target's labelled training split
-    (methods.md 12.2); ``init_from`` is a zsad checkpoint directory or an official checkpoint file whose
+    (docs/methods.md §12.2); ``init_from`` is a zsad checkpoint directory or an official checkpoint file whose
     learned parts replace the random initialisation. ``cache``: a :class:`FeatureCache` or a folder (default:
     ``$ZSAD_CACHE``). ``resume`` continues an interrupted run in ``out_dir``; ``overwrite`` starts afresh
-    over an existing checkpoint. Returns ``out_dir``.
+    over an existing checkpoint. ``device`` (None = the CPU; "auto", "cuda:N"): where the learned parts,
+    optimiser state and batches live; the checkpoint is device-independent, so a resume may use another.
+    ``precision="fp16"`` (an option, CUDA only) autocasts the training forward and scales the loss (its
+    scaler state is in ``train_state.pt``). ``workers``: DataLoader processes reading cached features,
+    images and masks; ``features_on_device`` keeps the cached features on the device after their first
+    read. Returns ``out_dir``.
     """
     from zsad import methods
 
     cls = methods.get_class(method_id)
     if not issubclass(cls, TrainableDetector):
         raise ValueError(f"{method_id} has no learned parts; it is training-free (use `zsad eval`)")
-    if not resume and not all(os.environ.get(k) for k in MALLOC_ENV):
-        warnings.warn(
-            "long CPU training grows memory through glibc's allocator; set MALLOC_MMAP_THRESHOLD_=1048576 "
-            "MALLOC_TRIM_THRESHOLD_=1048576 MALLOC_ARENA_MAX=2 before starting Python (the Makefile does)",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-    out = Path(out_dir)
+    target = prepare("cpu" if device is None else device, options.get("precision", "fp32"))
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in OUT and --overwrite starts it again: give one")
+    out = expand(out_dir)
     previous = read_config(out) if (out / CONFIG_FILE).exists() else None
     if previous is not None and previous["method"] != cls.method_id:
         raise ValueError(
@@ -462,20 +648,34 @@ def train(
         )
     if resume and previous is not None:
         # A resumed run takes every setting from the interrupted one; contradicting arguments are errors.
-        given = {"backbone": backbone, "weights": weights, "image_size": image_size}
-        for key, value in given.items():
-            if value is not None and str(value) != str(previous[key]):
-                raise ValueError(f"--resume: {out} was started with {key}={previous[key]!r}, got {value!r}")
+        given = {
+            "backbone": backbone,
+            "weights": weights,
+            "image_size": image_size,
+            "seed": seed,
+            "batch_size": batch_size,
+            "lr": lr,
+            "mosaic": mosaic,
+            "shuffle": shuffle,
+            "preset": preset,
+            "classes": classes,
+            "meta": meta,
+            "split": split,
+            "init_from": init_from,
+            "aux": aux_root,
+        }
+        check_resume(out, previous, given, epochs, options)
         settings = TrainSettings(**{**previous["train"], "betas": tuple(previous["train"]["betas"])})
         if epochs is not None:
             settings.epochs = int(epochs)
         aux_root, classes = previous["aux"]["root"], previous["aux"]["classes"]
         meta, split = previous["aux"].get("meta"), previous["aux"].get("split", "test")
         init_from = previous.get("init_from")
-        backbone = _recorded_backbone(previous, out)
+        backbone = _recorded_backbone(previous, out, target)
         weights = image_size = None
         options = {**previous["options"], **options}
     else:
+        split = split or "test"
         settings = resolve_settings(
             cls,
             preset,
@@ -486,9 +686,10 @@ def train(
             mosaic=mosaic,
             shuffle=shuffle,
         )
+        options = {**preset_options(cls, preset), **options}
     torch.manual_seed(settings.seed)  # the learned parts' initialisation
     detector = methods.create(
-        cls.method_id, backbone=backbone, weights=weights, image_size=image_size, **options
+        cls.method_id, backbone=backbone, weights=weights, image_size=image_size, device=target, **options
     )
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}")
@@ -497,12 +698,17 @@ def train(
     dataset = load_dataset(aux_root, split=split, image_size=detector.image_size, classes=classes, meta=meta)
     check_aux_dataset(dataset)
     optimizer = _make_optimizer(detector.learned.parameters(), settings)
+    fp16 = detector.options.get("precision") == "fp16"
+    scaler = torch.amp.GradScaler(target.type, enabled=fp16)
     start, log = 0, []
     if resume and (out / STATE_FILE).exists():
-        state = torch.load(out / STATE_FILE, map_location="cpu", weights_only=True)
+        state = _read_state(out / STATE_FILE)
         detector.load_learned(state["learned"], source=str(out / STATE_FILE))
-        optimizer.load_state_dict(state["optimizer"])
-        start, log = int(state["epoch"]), read_log(out)[: int(state["epoch"])]
+        optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+        if fp16 and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        start = int(state["epoch"])
+        log = state["log"] if "log" in state else read_log(out)[:start]
     out.mkdir(parents=True, exist_ok=True)
     record = {
         **_detector_record(detector),
@@ -518,7 +724,7 @@ def train(
         "preset": preset,
     }
     feature_cache = cache if isinstance(cache, FeatureCache) else FeatureCache(cache)
-    source = FeatureSource(detector, dataset, feature_cache)
+    source = FeatureSource(detector, dataset, feature_cache, workers, features_on_device)
     detector.learned.train()
     for epoch in range(start, settings.epochs):
         started, encoded_before = time.perf_counter(), source.encoder_images
@@ -529,23 +735,26 @@ def train(
         totals: dict[str, float] = {}
         batches = [order[i : i + settings.batch_size] for i in range(0, len(order), settings.batch_size)]
         bar = tqdm(batches, desc=f"{cls.method_id} epoch {epoch + 1}/{settings.epochs}", disable=not progress)
-        for indices in bar:
+        for indices, items in zip(bar, source.epoch(batches), strict=True):
             draws = rng.random(len(indices))
             mosaic_items = {
                 pos: mosaic_item(dataset, dataset.items[i]["cls_name"], rng)
                 for pos, i in enumerate(indices)
                 if draws[pos] < settings.mosaic
             }
-            features, masks, labels = source.batch(indices, mosaic_items)
+            features, masks, labels = source.batch(items, mosaic_items)
             names = [dataset.items[i]["cls_name"] for i in indices]
-            loss, parts = detector.training_loss(features, masks, labels, names)
+            # fp16: the learned forward under autocast too, its loss scaled (bf16 autocasts the tower only).
+            with torch.autocast(target.type, dtype=torch.float16) if fp16 else nullcontext():
+                loss, parts = detector.training_loss(features, masks, labels, names)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"{cls.method_id}: the loss became {loss.item()} in epoch {epoch + 1}"
                 )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # optimizer.step() unless fp16
+            scaler.update()
             for name, value in {"loss": loss.item(), **parts}.items():
                 totals[name] = totals.get(name, 0.0) + float(value) * len(indices)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -553,6 +762,72 @@ def train(
         row["seconds"] = time.perf_counter() - started
         row["encoded_images"] = source.encoder_images - encoded_before
         log.append(row)
-        _save_epoch(out, detector, optimizer, epoch + 1, record, log)
+        _save_epoch(out, detector, optimizer, scaler, epoch + 1, record, log)
+    if start >= settings.epochs:
+        # Nothing left to train: the state is the last epoch's. Writing every file from it again completes a
+        # save that a crash cut short after train_state.pt, and repairs a damaged model.safetensors.
+        _save_epoch(out, detector, optimizer, scaler, start, record, log)
     detector.learned.eval()
     return out
+
+
+def train_with_validation(
+    method_id: str,
+    aux_root: str | os.PathLike,
+    val_root: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    metric: str = "pixel_f1_max",
+    val_split: str = "test",
+    val_classes: list[str] | None = None,
+    epochs: int | None = None,
+    overwrite: bool = False,
+    **train_options: Any,
+) -> tuple[Path, list[dict[str, float]]]:
+    """Train ``method_id`` on ``aux_root`` and keep the epoch that scores best on a **validation** dataset
+    the user names (docs/methods.md pitfall 14). AdaCLIP's official default validates on the *target* test
+    set every epoch and keeps the best pixel F1-max, which selects the checkpoint on the data it then
+    reports; here the target is never read.
+
+    Runs :func:`train` one epoch at a time (``resume`` replays exactly the uninterrupted run), evaluates
+    ``metric`` (class mean) on ``val_root``'s ``val_split`` after each epoch, and copies the best epoch's
+    checkpoint to ``out_dir/best``. Returns (that folder, one row per epoch). ``val_root`` must differ from
+    ``aux_root``. ``epochs`` defaults to the method's paper schedule. The default schedule (fixed epochs)
+    needs none of this: ``train(method_id, ...)``.
+    """
+    from zsad import methods
+    from zsad.evaluate import evaluate
+
+    if Path(val_root).resolve() == Path(aux_root).resolve():
+        raise ValueError("the validation dataset must differ from the auxiliary (training) dataset")
+    out = Path(out_dir)
+    run, best = out / "run", out / "best"
+    if run.exists() or best.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a validation run; pass overwrite=True to start again")
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(best, ignore_errors=True)
+    total = epochs or methods.get_class(method_id).train_settings["epochs"]
+    rows: list[dict[str, float]] = []
+    best_value = -np.inf
+    for epoch in range(1, total + 1):
+        resume = (run / CONFIG_FILE).exists()
+        options = {} if resume else train_options
+        train(method_id, aux_root, run, epochs=epoch, resume=resume, progress=False, **options)
+        detector = load_checkpoint(run)
+        val = load_dataset(val_root, val_split, detector.image_size, val_classes)
+        table = evaluate(detector, val, progress=False).table
+        if metric not in table.columns:
+            raise ValueError(
+                f"metric {metric!r} is not a column of the evaluation table: {list(table.columns)}"
+            )
+        value = float(table.loc["mean", metric])
+        rows.append({"epoch": epoch, metric: value})
+        if value > best_value:  # NaN (undefined metric) never wins
+            best_value = value
+            if best.exists():
+                shutil.rmtree(best)
+            shutil.copytree(run, best)
+    if not best.exists():
+        raise ValueError(f"{metric} was undefined on {val_root} at every epoch; choose another metric")
+    return best, rows

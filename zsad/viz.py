@@ -1,4 +1,5 @@
-"""Figures people want to look at: heatmap overlays, ROC curves, per-class bars (matplotlib + seaborn)."""
+"""Figures people want to look at: heatmap overlays, ROC curves, per-class bars (matplotlib + seaborn), and
+metric tables displayed in percent."""
 
 from __future__ import annotations
 
@@ -47,8 +48,11 @@ def overlay_grid(
     return fig
 
 
-def roc_curves(scores: pd.DataFrame, by: str = "cls_name", ax: plt.Axes | None = None) -> Figure:
-    """Image-level ROC curve per class from an :class:`zsad.evaluate.EvalResult` ``scores`` frame."""
+def roc_curves(
+    scores: pd.DataFrame, by: str = "cls_name", ax: plt.Axes | None = None, title: str = "image-level ROC"
+) -> Figure:
+    """Image-level ROC curve per class from an :class:`zsad.evaluate.EvalResult` ``scores`` frame; the legend
+    gives each class's AUROC in percent with one decimal, like every table."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     if ax is None:
@@ -57,9 +61,9 @@ def roc_curves(scores: pd.DataFrame, by: str = "cls_name", ax: plt.Axes | None =
         if group["label"].nunique() < 2:
             continue
         fpr, tpr, _ = roc_curve(group["label"], group["score"])
-        ax.plot(fpr, tpr, label=f"{name} ({roc_auc_score(group['label'], group['score']):.2f})")
+        ax.plot(fpr, tpr, label=f"{name} (AUROC {100 * roc_auc_score(group['label'], group['score']):.1f})")
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="image-level ROC")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title)
     ax.legend(fontsize=8)
     return ax.figure
 
@@ -176,3 +180,30 @@ def embedding_map(points: pd.DataFrame, ax: plt.Axes | None = None, title: str =
     ax.legend(bbox_to_anchor=(1.01, 1), loc="upper left", fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
+
+
+def percent_table(
+    table: pd.DataFrame, points: Sequence[str] = (), raw: Sequence[str] = (), caption: str | None = None
+) -> pd.io.formats.style.Styler:
+    """Display a metrics table in one unit, as the papers print it: every float column holds fractions in
+    [0, 1] and is shown as a percentage with one decimal ("91.3"), NaN as "n/a".
+
+    ``points`` names float columns already in percent or in points (published numbers, differences in
+    points); they are shown with one decimal, unscaled. ``raw`` names float columns that are no metric
+    (losses, seconds), shown with three significant digits. Only the display changes: the frame, and any CSV
+    written from it, keep the fractions at full precision.
+    """
+    unknown = [c for c in (*points, *raw) if c not in table.columns]
+    if unknown:
+        raise ValueError(f"percent_table: no column {unknown} in {list(table.columns)}")
+    floats = [c for c in table.columns if pd.api.types.is_float_dtype(table[c])]
+    formats: dict[str, object] = {}
+    for column in floats:
+        if column in raw:
+            formats[column] = "{:.3g}"
+        elif column in points:
+            formats[column] = "{:.1f}"
+        else:
+            formats[column] = lambda x: "n/a" if pd.isna(x) else f"{100.0 * x:.1f}"
+    styler = table.style.format(formats, na_rep="n/a")
+    return styler.set_caption(caption) if caption else styler

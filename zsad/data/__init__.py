@@ -1,5 +1,5 @@
 """Dataset ingestion: meta.json index, dataset preparation from original layouts, robust decoding, and the
-torch Dataset (methods.md 1.1, 1.3).
+torch Dataset (docs/methods.md §1.1, §1.3).
 
 Names that need torch (``load_dataset``, ``AnomalyDataset``) are imported on first use, so
 ``zsad data prepare`` and meta.json tools start without loading torch. The synthetic dataset generator lives

@@ -1,14 +1,15 @@
 """The torch Dataset over a meta.json root, with the preprocessing every official repo shares.
 
-methods.md 1.1: images are resized to (S, S) with bicubic interpolation (the center crop that follows is a
-no-op) and normalised with the OpenAI CLIP mean/std; masks are resized with bilinear interpolation and
-thresholded at 0.5 (``mask_interpolation="nearest"`` gives caoyunkang/WinClip's variant). Pitfall 9: thin
-defects can vanish under bilinear+0.5, the choice is a named option. Both resizes go through PIL exactly as
-torchvision's ``Resize`` does on PIL images, so tensors match the official pipelines.
+docs/methods.md §1.1: images are resized to (S, S) with bicubic interpolation (the center crop that follows is
+a no-op) and normalised with the OpenAI CLIP mean/std; masks are resized with bilinear interpolation and
+thresholded at 0.5 (``mask_interpolation="nearest"`` gives caoyunkang/WinClip's variant). Thin defects can
+vanish under bilinear+0.5 (docs/methods.md pitfall 9), so the choice is a named option. Both resizes go
+through PIL exactly as torchvision's ``Resize`` does on PIL images, so tensors match the official pipelines.
 
-Normal images get an all-zero mask of the image's own (H, W) (the official loaders transpose it, 1.3), and
-so do anomalous records whose ``mask_path`` is empty or an empty directory (image-only datasets, pitfall 22);
-:meth:`AnomalyDataset.has_masks` tells the evaluator whether pixel metrics are defined for a class.
+Normal images get an all-zero mask of the image's own (H, W) (the official loaders transpose it,
+docs/methods.md §1.3), and so do anomalous records whose ``mask_path`` is empty or an empty directory
+(image-only datasets, docs/methods.md pitfall 22); :meth:`AnomalyDataset.has_masks` tells the evaluator
+whether pixel metrics are defined for a class.
 """
 
 from __future__ import annotations
@@ -133,7 +134,7 @@ class AnomalyDataset(Dataset):
                 shown = "\n  ".join(missing[:10])
                 raise DataError(
                     f"{self.meta_path}: {len(missing)} file(s) listed but missing, e.g.\n  {shown}\n"
-                    "(pass skip_bad=True to drop such items)"
+                    "(`zsad eval --skip-bad`, skip_bad=True in Python, leaves them out with a warning)"
                 )
             return records
         kept = []
@@ -193,7 +194,8 @@ class AnomalyDataset(Dataset):
     def has_masks(self, cls: str | None = None) -> bool:
         """True when some anomalous item (of ``cls``, or of any class) has a pixel annotation.
 
-        False for image-only datasets (HeadCT, BrainMRI, ...), where pixel metrics are undefined (pitfall 22).
+        False for image-only datasets (HeadCT, BrainMRI, ...), where pixel metrics are undefined
+        (docs/methods.md pitfall 22).
         """
         return any(_has_pixel_mask(self.root, r) for r in self.items if cls is None or r["cls_name"] == cls)
 
@@ -215,9 +217,10 @@ def load_dataset(
     Args:
         root: dataset root; meta paths are relative to it.
         split: "train" or "test".
-        image_size: S, the side of the square model input (methods.md 1.1).
+        image_size: S, the side of the square model input (docs/methods.md §1.1).
         classes: keep only these classes (a name or a list); default all.
-        mask_interpolation: "bilinear" (+0.5 threshold, the official default) or "nearest" (pitfall 9).
+        mask_interpolation: "bilinear" (+0.5 threshold, the official default) or "nearest"
+        (docs/methods.md pitfall 9).
         skip_bad: decode every pair up front and drop unreadable ones with a warning (listed in
             ``.skipped``); otherwise missing files raise at construction and corrupt ones at access.
         meta: a meta.json elsewhere than ``root/meta.json``.

@@ -2,8 +2,9 @@
 
 Every real dataset brings its own file quirks: greyscale or palette PNGs, RGBA screenshots, CMYK JPEGs,
 16-bit medical PNGs, phone photos rotated by an EXIF tag. The official loaders call
-``Image.open(path).convert("RGB")`` and ``np.array(Image.open(mask).convert("L")) > 0`` (methods.md 1.3);
-this module keeps those semantics where they are right and fixes them where they are not:
+``Image.open(path).convert("RGB")`` and ``np.array(Image.open(mask).convert("L")) > 0``
+(docs/methods.md §1.3); this module keeps those semantics where they are right and fixes them where they are
+not:
 
 * **Colour modes** (:func:`load_image`): every mode becomes 8-bit RGB. Alpha is *dropped*, not composited:
   ``convert("RGB")`` keeps the colour stored under transparent pixels, exactly what the official loaders
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-# OpenAI CLIP normalisation (methods.md 1.1); the backbone imports these from here.
+# OpenAI CLIP normalisation (docs/methods.md §1.1); the backbone imports these from here.
 OPENAI_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
@@ -237,7 +238,7 @@ def load_pair(
     """Decode an image and its mask, in the same upright orientation, and check that their sizes agree.
 
     ``mask_path=None`` gives an all-zero mask of the image's (H, W), *not* the (W, H) array the official
-    loaders build with ``np.zeros(img.size)`` (methods.md 1.3).
+    loaders build with ``np.zeros(img.size)`` (docs/methods.md §1.3).
 
     Raises:
         DataError: either file is bad, or the mask size differs from the image size.

@@ -1,4 +1,5 @@
-"""Read, validate and write the ``meta.json`` index shared by the official repositories (methods.md 1.3).
+"""Read, validate and write the ``meta.json`` index shared by the official repositories
+(docs/methods.md §1.3).
 
 The format, as written by the APRIL-GAN / AnomalyCLIP generators::
 
@@ -172,7 +173,7 @@ def finetuning_split(
     meta: dict[str, dict[str, list[dict[str, Any]]]], cls: str, seed: int = 0
 ) -> tuple[dict[str, dict[str, list[dict[str, Any]]]], str]:
     """A meta with a labelled ``train`` split to fine-tune on and a disjoint ``test`` split to evaluate on,
-    for class ``cls`` (methods.md 12.2), and a sentence saying which rule made it.
+    for class ``cls`` (docs/methods.md §12.2), and a sentence saying which rule made it.
 
     A target whose train split already holds defective images (TN3K's ``trainval``) keeps its own splits.
     Otherwise (MVTec-style layouts, SynthAD, Magnetic Tile: the train split is normal-only) the **test** split

@@ -1,4 +1,4 @@
-"""Build a ``meta.json`` (methods.md 1.3) for a dataset in its original, unmodified layout.
+"""Build a ``meta.json`` (docs/methods.md §1.3) for a dataset in its original, unmodified layout.
 
 ``prepare_dataset(fmt, src)`` lists the files of ``src``, pairs images with masks, and writes the index; it
 never moves, renames or rewrites an image. Paths in the index are relative to ``src``; classes, defect types
@@ -42,12 +42,13 @@ and files are sorted, so the output is deterministic. Layouts (``FORMATS``):
 
 ``tn3k``: folder pairs ``<prefix>-image`` / ``<prefix>-mask`` (e.g. ``trainval-image``, ``test-image``),
     masks by stem; ``test`` goes to ``test``, any other prefix to ``train`` (the fine-tuning split of
-    methods.md 12.2). All images anomalous, class ``thyroid`` (as in AnomalyCLIP), ``specie_name`` empty.
+    docs/methods.md §12.2). All images anomalous, class ``thyroid`` (as in AnomalyCLIP), ``specie_name``
+    empty.
 
 ``normal_abnormal``: image-only medical sets (HeadCT, BrainMRI, Br35H): ``src/<normal>/`` with
     ``<normal>`` one of no/normal/good/ok/0/negative/healthy, and one or more other folders (yes/abnormal/1,
-    ...) of anomalous images. ``mask_path`` is ``""`` everywhere (no pixel metrics, pitfall 22); all to
-    ``test``; class name: the name of ``src``.
+    ...) of anomalous images. ``mask_path`` is ``""`` everywhere (no pixel metrics,
+    docs/methods.md pitfall 22); all to ``test``; class name: the name of ``src``.
 
 Single-class formats accept ``class_name=`` to override the default name. ``skip_bad=True`` decodes every
 pair and drops unreadable ones (and anomalous images whose mask is missing) with one warning; without it any
@@ -65,6 +66,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from zsad.data.images import DataError, is_image_file, load_mask, load_pair
 from zsad.data.meta import META_NAME, SPLITS, make_record, record_mask_path, resolve_path, write_meta
@@ -431,8 +434,25 @@ def _handler(fmt: str, cls: str) -> Callable[[_Builder], None]:
     return table[fmt]
 
 
+def _header_problem(path: str) -> str | None:
+    """Why PIL cannot identify ``path`` from its header (a zero-byte or non-image file), or None.
+
+    Only the header is read (milliseconds), so a plain prepare still catches what would stop an evaluation
+    half-way; ``skip_bad`` decodes everything. PIL raises many exception types for bad data, hence the
+    broad except.
+    """
+    if os.path.isdir(path):
+        return None  # MVTec LOCO: a folder of mask files, checked when loaded
+    try:
+        with Image.open(path):
+            pass  # opening reads and checks the header
+    except Exception as exc:
+        return f"cannot read {path}: {type(exc).__name__}: {exc}"
+    return None
+
+
 def _check_files(b: _Builder, skip_bad: bool, progress: bool) -> None:
-    """Record missing files (always) and undecodable pairs (``skip_bad`` only) as problems."""
+    """Record missing or unidentifiable files (always) and undecodable pairs (``skip_bad``) as problems."""
     records = [r for classes in b.meta.values() for rs in classes.values() for r in rs]
     if progress and skip_bad:
         from tqdm.auto import tqdm
@@ -447,8 +467,12 @@ def _check_files(b: _Builder, skip_bad: bool, progress: bool) -> None:
                 b.problem(image, str(exc))
             continue
         for path, what in ((image, "image"), (mask, "mask")):
-            if path is not None and not os.path.exists(path):
+            if path is None:
+                continue
+            if not os.path.exists(path):
                 b.problem(image, f"{what} not found: {path}")
+            elif (reason := _header_problem(path)) is not None:
+                b.problem(image, f"{what}: {reason}")
 
 
 def _drop_problems(b: _Builder, fmt: str, skip_bad: bool) -> None:
@@ -487,6 +511,7 @@ def prepare_dataset(
     *,
     class_name: str | None = None,
     progress: bool = False,
+    overwrite: bool = True,
 ) -> Path:
     """Index a dataset in its original layout and write its meta.json (the layouts: module docstring).
 
@@ -500,6 +525,9 @@ def prepare_dataset(
         class_name: override the class name of single-class formats (ksdd, magnetic_tile, tn3k,
             normal_abnormal, flat ``folder``).
         progress: show a progress bar while ``skip_bad`` decodes files.
+        overwrite: replace an existing meta.json; when its content changes the old one is kept as
+            ``meta.json.bak`` (it may hold hand edits). ``False`` (``zsad data prepare`` without
+            ``--overwrite``) makes an existing file a FileExistsError, raised before any file is read.
 
     Returns:
         The path of the meta.json written.
@@ -511,6 +539,12 @@ def prepare_dataset(
         raise DataError(f"unknown dataset format {fmt!r}; supported: {sorted(FORMATS)}")
     source = Path(src)
     _require_dir(source, FORMATS[fmt])
+    target = source / META_NAME if out is None else _out_file(Path(out))
+    if target.exists() and not overwrite:
+        raise FileExistsError(
+            f"{target} exists (it may hold hand edits); pass --overwrite (overwrite=True) to replace it, "
+            f"the old one is then kept as {target.name}.bak"
+        )
     cls = class_name or _DEFAULT_CLASS.get(fmt, source.resolve().name)
     builder = _Builder(source)
     _handler(fmt, cls)(builder)
@@ -520,5 +554,8 @@ def prepare_dataset(
     _drop_problems(builder, fmt, skip_bad)
     if not any(builder.meta[s] for s in SPLITS):
         raise DataError(f"{fmt} dataset {source}: every item was bad; nothing to index")
-    target = source / META_NAME if out is None else _out_file(Path(out))
-    return write_meta(builder.meta, target)
+    old = target.read_bytes() if target.is_file() else None
+    written = write_meta(builder.meta, target)
+    if old is not None and written.read_bytes() != old:
+        written.with_name(written.name + ".bak").write_bytes(old)
+    return written

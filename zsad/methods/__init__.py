@@ -2,91 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any
 
 from zsad.methods.base import Detector
-
-# method ID -> "module:Class"; modules import lazily so that listing methods stays cheap.
-_REGISTRY: dict[str, str] = {
-    "adaclip": "zsad.methods.adaclip:AdaCLIP",
-    "anomalyclip": "zsad.methods.anomalyclip:AnomalyCLIP",
-    "aprilgan": "zsad.methods.aprilgan:AprilGAN",
-    "clip": "zsad.methods.clip_baseline:CLIPBaseline",
-    "clipad-sdp": "zsad.methods.clipad_sdp:ClipADSDP",
-    "clipad-sdp-plus": "zsad.methods.clipad_sdp_plus:ClipADSDPPlus",
-    "mfpclip": "zsad.methods.mfpclip:MFPCLIP",
-    "winclip": "zsad.methods.winclip:WinCLIP",
-    "winclip-fewshot": "zsad.methods.winclip:WinCLIPPlus",
-}
-
-
-def available() -> list[str]:
-    """IDs of the methods that exist in this version."""
-    return sorted(_REGISTRY)
-
-
-def get_class(method_id: str) -> type[Detector]:
-    key = method_id.lower()
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown method {method_id!r}; available: {', '.join(available())}")
-    module_name, class_name = _REGISTRY[key].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
-
-
-def option_names(cls: type[Detector]) -> list[str] | None:
-    """The keyword options a detector class accepts, following ``**options`` up to the class that names
-    them (e.g. SDP+ takes SDP's); None when they end at :class:`Detector`, which takes any."""
-    names: list[str] = []
-    for klass in cls.__mro__:
-        if "__init__" not in vars(klass):
-            continue
-        if klass is Detector:
-            return None
-        parameters = list(inspect.signature(klass.__init__).parameters.values())[2:]  # after self, backbone
-        names += [p.name for p in parameters if p.kind is not p.VAR_KEYWORD and p.name not in names]
-        if not any(p.kind is p.VAR_KEYWORD for p in parameters):
-            return names
-    return None
-
-
-def check_options(cls: type[Detector], options: dict[str, Any]) -> None:
-    """A clear error for an option the method does not have (before any weights load), not a TypeError."""
-    accepted = option_names(cls)
-    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
-    if unknown:
-        raise ValueError(
-            f"{cls.method_id} has no option {', '.join(map(repr, unknown))}; "
-            f"its options: {', '.join(accepted)}"
-        )
-
-
-def create(
-    method_id: str,
-    backbone: Any = None,
-    weights: str | None = None,
-    image_size: int | None = None,
-    **options: Any,
-) -> Detector:
-    """Build a detector with its paper defaults wherever an argument is None.
-
-    ``backbone`` is an open_clip model name (e.g. ``"ViT-L-14-336"``, ``"zsad-tiny"``) or an already loaded
-    :class:`zsad.backbone.CLIPBackbone` (then ``weights``/``image_size`` must be None).
-    """
-    from zsad.backbone import CLIPBackbone, default_weights_for, load_clip
-
-    cls = get_class(method_id)
-    check_options(cls, options)
-    if isinstance(backbone, CLIPBackbone):
-        if weights is not None or image_size is not None:
-            raise ValueError("pass weights/image_size to load_clip, not with an already loaded backbone")
-        return cls(backbone, **options)
-    name = backbone or cls.default_backbone
-    if weights is None:
-        weights = cls.default_weights if name == cls.default_backbone else default_weights_for(name)
-    size = image_size or (cls.default_image_size if name == cls.default_backbone else None)
-    return cls(load_clip(name, pretrained=weights, image_size=size), **options)
+from zsad.methods.registry import available, check_options, create, get_class, option_names
 
 
 def from_official(method_id: str, checkpoint=None, weights=None, image_size=None, **options: Any) -> Detector:
@@ -95,3 +14,6 @@ def from_official(method_id: str, checkpoint=None, weights=None, image_size=None
     from zsad.methods.official import from_official as build
 
     return build(method_id, checkpoint=checkpoint, weights=weights, image_size=image_size, **options)
+
+
+__all__ = ["Detector", "available", "check_options", "create", "from_official", "get_class", "option_names"]

@@ -1,7 +1,7 @@
-"""AdaCLIP: Cao, Zhu, Li et al., ECCV 2024, arXiv 2407.15795 (methods.md section 6).
+"""AdaCLIP: Cao, Zhu, Li et al., ECCV 2024, arXiv 2407.15795 (docs/methods.md §6).
 
 AdaCLIP trains **prompts inside both CLIP towers** plus linear projection heads, on an auxiliary dataset
-(methods.md 6.1):
+(docs/methods.md §6.1):
 
 1. Prompts (``prompting``): per prompted layer a learned (length=5, W) **static** tensor, for depth=4 layers
    in each tower; **dynamic** prompts generated per image from the frozen, unprompted pooled embedding g0
@@ -14,17 +14,19 @@ AdaCLIP trains **prompts inside both CLIP towers** plus linear projection heads,
      **overwritten**. The static text tensor of layer 1 exists (the official key set) but is never used.
 2. Heads: the raw residual tokens (CLS dropped) of layers 6, 12, 18, 24 each go through ``Linear(W -> D)``
    and are L2-normalised; the **prompted** pooled embedding through ``Linear(D -> D)``, normalised: g.
-3. Text: the AdaCLIP ensemble (7 normal / 5 abnormal states x 4 templates, methods.md 1.2) through the
+3. Text: the AdaCLIP ensemble (7 normal / 5 abnormal states x 4 templates, docs/methods.md §1.2) through the
    **prompted** text tower, so it depends on the image whenever prompts are dynamic: per image, 48 sentences.
-   The official code cannot batch this (its ``train.py`` refuses batch sizes other than 1, pitfall 13); here
-   the B x 48 sentences run as one text batch with each image's prompts repeated over its sentences.
+   The official code cannot batch this (its ``train.py`` refuses batch sizes other than 1,
+   docs/methods.md pitfall 13); here the B x 48 sentences run as one text batch with each image's prompts
+   repeated over its sentences.
 4. Maps: per layer logits 100 <tok, T>, upsampled to S x S bilinearly (``align_corners=True``), **averaged
-   over layers**, one softmax, map = (P_a + 1 - P_n) / 2, Gaussian sigma 4 (methods.md 6.3, pitfall 3, 5).
+   over layers**, one softmax, map = (P_a + 1 - P_n) / 2, Gaussian sigma 4
+   (docs/methods.md §6.3, pitfall 3, pitfall 5).
 5. Image score: softmax(100 <f, T>)[abnormal] with f = normalise(0.2 h + 0.8 g), h the HSF feature
    (:mod:`zsad.methods.hsf`); ``hsf="off"`` uses g alone.
-6. Loss (methods.md 6.4): focal(image probabilities, label) + sum over layers of [focal(P) + dice(P_a, gt) +
-   dice(P_n, 1 - gt)] on the per-layer softmax maps. AdamW, lr 0.01, betas (0.5, 0.999), weight decay 0.01
-   (torch's AdamW default, which the official code keeps), 5 epochs, batch 1 upstream, seed 111.
+6. Loss (docs/methods.md §6.4): focal(image probabilities, label) + sum over layers of [focal(P) + dice(P_a,
+   gt) + dice(P_n, 1 - gt)] on the per-layer softmax maps. AdamW, lr 0.01, betas (0.5, 0.999), weight decay
+   0.01 (torch's AdamW default, which the official code keeps), 5 epochs, batch 1 upstream, seed 111.
 
 Precision: fp32 by default. The official run is CUDA fp16 autocast, which its README calls "occasionally
 unstable"; ``precision="bf16"`` autocasts both prompted towers here.
@@ -37,18 +39,16 @@ exactly those, so the trainer's cache saves the second (unprompted) image pass.
 Layers on other depths: the quarter points ceil(L k / 4) (:func:`zsad.methods.aprilgan.quarter_layers`):
 2, 3, 5, 6 for the 6-block zsad-tiny. Prompt depth must fit both towers (4 blocks of zsad-tiny's text).
 
-Official quirks, as named options (``from_official`` sets them; methods.md 13): ``prompt_fp16`` (every
-prompt, static + dynamic, passes through fp16 before it enters a tower, 13.2) and ``kmeans_rng="shared"``
-(13.4); exact GELU, bicubic positional-embedding resize without antialias and fp16 rounding of the CLIP
-weights are :func:`zsad.backbone.load_clip` options (13.1, 13.5, 13.8).
+Official quirks, as named options (``from_official`` sets them; docs/methods.md §13): ``prompt_fp16`` (every
+prompt, static + dynamic, passes through fp16 before it enters a tower, docs/methods.md §13.2) and
+``kmeans_rng="shared"`` (docs/methods.md §13.4); exact GELU, bicubic positional-embedding resize without
+antialias and fp16 rounding of the CLIP weights are :func:`zsad.backbone.load_clip` options
+(docs/methods.md §13.1, §13.5, §13.8).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -57,10 +57,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsad.backbone import CLIPBackbone
-from zsad.losses import focal_loss, layer_losses
-from zsad.methods.aprilgan import quarter_layers
-from zsad.methods.base import TrainableDetector, check_choice, check_layers, check_precision, check_sigma
-from zsad.methods.clipad_sdp import smooth_maps
+from zsad.losses import DICE_MODES, focal_loss, layer_losses
+from zsad.methods.base import (
+    ViTL14Trainable,
+    check_choice,
+    check_layers,
+    check_precision,
+    check_sigma,
+    paper_schedule,
+    quarter_layers,
+)
+from zsad.methods.clipad_sdp import smooth_map_tensor
 from zsad.methods.heads import LOGIT_SCALE, token_logits, upsampled_probs
 from zsad.methods.hsf import (
     ALPHA,
@@ -133,7 +140,7 @@ class AdaCLIPLearned(nn.Module):
             self.dynamic_text_prompt_generator = ProjectLayer(embed_dim, text_width, length)
 
 
-class AdaCLIP(TrainableDetector):
+class AdaCLIP(ViTL14Trainable):
     """AdaCLIP; see the module docstring for the method and its official quirks.
 
     Options:
@@ -150,27 +157,25 @@ class AdaCLIP(TrainableDetector):
         replace_underscores: class names' "_" to spaces as well ("-" always becomes a space, as upstream).
         prompt_fp16: round every prompt through fp16 before it enters a tower (official ``.half()``).
         precision: "fp32" (default) or "bf16" (autocast of both prompted towers).
+        dice: the training loss's dice, "per-image" (default, the paper's loss) or "per-row" (what the
+            official ``train_one_batch`` computes at batch 1: a dice per image row, docs/methods.md §13.10).
     """
 
     method_id: ClassVar[str] = "adaclip"
     paper: ClassVar[str] = "Cao, Zhu, Li et al., AdaCLIP, ECCV 2024, arXiv 2407.15795"
-    default_backbone: ClassVar[str] = "ViT-L-14-336"
-    default_weights: ClassVar[str | None] = "openai"
-    default_image_size: ClassVar[int] = 518
-    train_settings: ClassVar[dict[str, Any]] = {
-        "epochs": 5,
-        "batch_size": 1,
-        "lr": 0.01,
-        "optimizer": "adamw",
-        "betas": (0.5, 0.999),
-        "weight_decay": 0.01,  # torch's AdamW default, which the official optimiser keeps
-        "mosaic": 0.0,
-        "shuffle": True,
-        "seed": 111,
-    }
+    train_settings: ClassVar[dict[str, Any]] = paper_schedule(
+        epochs=5,
+        batch_size=1,
+        lr=0.01,
+        optimizer="adamw",
+        betas=(0.5, 0.999),
+        weight_decay=0.01,  # torch's AdamW default, which the official optimiser keeps
+    )
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {
-        "aux-mvtec": {"mosaic": 0.2},  # mosaic only when the auxiliary set is MVTec AD (methods.md 6.4)
+        "aux-mvtec": {"mosaic": 0.2},  # mosaic only when the auxiliary set is MVTec AD (docs/methods.md §6.4)
         "aux-visa": {"mosaic": 0.0},
+        # the official train.py's arithmetic: batch 1 and its per-row dice (docs/methods.md §13.10)
+        "official": {"batch_size": 1, "options": {"dice": "per-row"}},
     }
     inference_options: ClassVar[tuple[str, ...]] = (
         "hsf",
@@ -198,8 +203,10 @@ class AdaCLIP(TrainableDetector):
         replace_underscores: bool = False,
         prompt_fp16: bool = False,
         precision: str = "fp32",
+        dice: str = "per-image",
     ) -> None:
         layers = check_layers(layers, backbone.num_layers, default=quarter_layers(backbone.num_layers))
+        check_choice("dice", dice, DICE_MODES)
         check_choice("prompting", prompting, PROMPTINGS)
         depth_limit = min(backbone.num_layers, backbone.num_text_layers)
         if not 1 <= int(prompt_depth) <= depth_limit:
@@ -232,6 +239,7 @@ class AdaCLIP(TrainableDetector):
             replace_underscores=bool(replace_underscores),
             prompt_fp16=bool(prompt_fp16),
             precision=check_precision(precision),
+            dice=dice,
         )
         self.layers = layers
         self.learned = AdaCLIPLearned(
@@ -242,7 +250,7 @@ class AdaCLIP(TrainableDetector):
             int(prompt_depth),
             len(layers),
             prompting,
-        )
+        ).to(backbone.device)  # initialised on the CPU's RNG, so every device starts from the same values
         self._shared_rng = SharedRNG(int(kmeans_seed))
         self._ids: dict[str, torch.Tensor] = {}
         self.last_hsf_labels: list[np.ndarray] = []
@@ -285,7 +293,7 @@ class AdaCLIP(TrainableDetector):
 
     def visual_prompts(self, dynamic: torch.Tensor | None) -> dict[int, torch.Tensor]:
         """Image block (1-based) -> prompt tokens: appended before block 1, replacing the last ``length``
-        tokens before blocks 2..depth (the backbone's AdaCLIP placement, methods.md 6.1)."""
+        tokens before blocks 2..depth (the backbone's AdaCLIP placement, docs/methods.md §6.1)."""
         return {
             block: self._layer_prompt("visual_prompter", block - 1, dynamic)
             for block in range(1, self.options["prompt_depth"] + 1)
@@ -325,7 +333,7 @@ class AdaCLIP(TrainableDetector):
             block: p.repeat_interleave(per_group, dim=0) if p.dim() == 3 else p
             for block, p in prompts.items()
         }
-        text = self.backbone.encode_text(ids, deep_prompts=expanded, prompt_start=1, autocast=self.bf16)
+        text = self.backbone.encode_text(ids, deep_prompts=expanded, prompt_start=1, autocast=self.autocast)
         text = F.normalize(text.float(), dim=-1).view(len(names), per_group, -1)
         columns = [text[:, :n_normal].mean(dim=1), text[:, n_normal:].mean(dim=1)]
         return F.normalize(torch.stack(columns, dim=-1), dim=1)
@@ -341,13 +349,7 @@ class AdaCLIP(TrainableDetector):
 
     # ------------------------------------------------------------------------------------------ image
     def feature_key(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone.name,
-            "weights": self.backbone.weights_id,
-            "size": self.image_size,
-            "kind": "adaclip-image+unprompted-pooled" if self.dynamic else "adaclip-image",
-            "precision": self.options["precision"],
-        }
+        return self.frozen_feature_key("adaclip-image+unprompted-pooled" if self.dynamic else "adaclip-image")
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -356,7 +358,7 @@ class AdaCLIP(TrainableDetector):
         no unprompted pass)."""
         out = {"image": images.float().cpu()}
         if self.dynamic:
-            out["pooled0"] = self.backbone.encode_image(images, autocast=self.bf16).pooled
+            out["pooled0"] = self.backbone.encode_image(images, autocast=self.autocast).pooled
         return out
 
     def forward_features(
@@ -370,7 +372,7 @@ class AdaCLIP(TrainableDetector):
             features["image"],
             layers=self.layers,
             visual_prompts=self.visual_prompts(visual_dyn),
-            autocast=self.bf16,
+            autocast=self.autocast,
         )
         heads = self.learned.patch_token_layer.each([feats.tokens[layer][:, 1:] for layer in self.layers])
         tokens = [F.normalize(t, dim=-1) for t in heads]
@@ -403,7 +405,7 @@ class AdaCLIP(TrainableDetector):
 
     def unsmoothed_map(self, logits: list[torch.Tensor]) -> torch.Tensor:
         """Upsampled logits (``align_corners=True``) averaged over layers, one softmax, (P_a + 1 - P_n) / 2
-        -> (B, S, S) (methods.md 6.3)."""
+        -> (B, S, S) (docs/methods.md §6.3)."""
         grid, size = self.backbone.grid_size, self.image_size
         up = [
             F.interpolate(
@@ -429,8 +431,7 @@ class AdaCLIP(TrainableDetector):
         global_only = (LOGIT_SCALE * torch.einsum("bd,bdk->bk", g, text)).softmax(dim=-1)[:, 1]
         self.last_score_parts = {"score_global": global_only}
         raw = self.unsmoothed_map(logits)
-        maps = smooth_maps(raw.cpu().numpy(), self.options["sigma"])
-        return scores, torch.from_numpy(maps).to(raw.device)
+        return scores, smooth_map_tensor(raw, self.options["sigma"])
 
     # ------------------------------------------------------------------------------------------ training
     def training_loss(
@@ -441,77 +442,18 @@ class AdaCLIP(TrainableDetector):
         class_names: list[str],
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """focal(image probabilities, label) + sum over layers of focal + dice(P_a, gt) + dice(P_n, 1 - gt)
-        on each layer's own softmax map (methods.md 6.4). A batch of B gives the mean of the B single-image
-        losses."""
+        on each layer's own softmax map (docs/methods.md §6.4). A batch of B gives the mean of the B
+        single-image losses. The dice is per image or, with ``dice="per-row"``, per image row."""
         tokens, g, text = self.forward_features(features, class_names)
         logits = [token_logits(t, text) for t in tokens]
         image_loss = focal_loss(self.image_probs(tokens, logits, g, text), labels.to(g.device))
         probs = [upsampled_probs(lg, self.backbone.grid_size, self.image_size) for lg in logits]
-        local, parts = layer_losses(self.layers, probs, masks.float().to(g.device), normal_dice=True)
+        local, parts = layer_losses(
+            self.layers, probs, masks.float().to(g.device), normal_dice=True, dice=self.options["dice"]
+        )
         return image_loss + local, {"loss_image": image_loss.item(), **parts}
 
     def load_learned(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Our state dict or the official one (``clip_model.`` prefix stripped)."""
         prefix = "clip_model."
         super().load_learned({k.removeprefix(prefix): v for k, v in state.items()}, source)
-
-
-# ---------------------------------------------------------------------------------------------- selection
-def train_with_validation(
-    aux_root: str | os.PathLike,
-    val_root: str | os.PathLike,
-    out_dir: str | os.PathLike,
-    *,
-    metric: str = "pixel_f1_max",
-    val_split: str = "test",
-    val_classes: list[str] | None = None,
-    epochs: int | None = None,
-    overwrite: bool = False,
-    **train_options: Any,
-) -> tuple[Path, list[dict[str, float]]]:
-    """Train AdaCLIP on ``aux_root`` and keep the epoch that scores best on a **validation** dataset the user
-    names (pitfall 14). The official default validates on the *target* test set every epoch and keeps the best
-    pixel F1-max, which selects the checkpoint on the data it then reports; here the target is never read.
-
-    Runs :func:`zsad.train.train` one epoch at a time (``resume`` replays exactly the uninterrupted run),
-    evaluates ``metric`` (class mean) on ``val_root``'s ``val_split`` after each epoch, and copies the best
-    epoch's checkpoint to ``out_dir/best``. Returns (that folder, one row per epoch). ``val_root`` must differ
-    from ``aux_root``. The default schedule (``fixed epochs``) needs none of this: ``train("adaclip", ...)``.
-    """
-    from zsad.data import load_dataset
-    from zsad.evaluate import evaluate
-    from zsad.train import CONFIG_FILE, load_checkpoint, train
-
-    if Path(val_root).resolve() == Path(aux_root).resolve():
-        raise ValueError("the validation dataset must differ from the auxiliary (training) dataset")
-    out = Path(out_dir)
-    run, best = out / "run", out / "best"
-    if run.exists() or best.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a validation run; pass overwrite=True to start again")
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.rmtree(best, ignore_errors=True)
-    total = epochs or AdaCLIP.train_settings["epochs"]
-    rows: list[dict[str, float]] = []
-    best_value = -np.inf
-    for epoch in range(1, total + 1):
-        resume = (run / CONFIG_FILE).exists()
-        options = {} if resume else train_options
-        train("adaclip", aux_root, run, epochs=epoch, resume=resume, progress=False, **options)
-        detector = load_checkpoint(run)
-        val = load_dataset(val_root, val_split, detector.image_size, val_classes)
-        table = evaluate(detector, val, progress=False).table
-        if metric not in table.columns:
-            raise ValueError(
-                f"metric {metric!r} is not a column of the evaluation table: {list(table.columns)}"
-            )
-        value = float(table.loc["mean", metric])
-        rows.append({"epoch": epoch, metric: value})
-        if value > best_value:  # NaN (undefined metric) never wins
-            best_value = value
-            if best.exists():
-                shutil.rmtree(best)
-            shutil.copytree(run, best)
-    if not best.exists():
-        raise ValueError(f"{metric} was undefined on {val_root} at every epoch; choose another metric")
-    return best, rows

@@ -1,42 +1,44 @@
-"""AnomalyCLIP: Zhou, Pang et al., ICLR 2024, arXiv 2310.18961 (methods.md section 5).
+"""AnomalyCLIP: Zhou, Pang et al., ICLR 2024, arXiv 2310.18961 (docs/methods.md §5).
 
-The whole learned model is a **prompt learner** on a frozen CLIP (methods.md 5.2):
+The whole learned model is a **prompt learner** on a frozen CLIP (docs/methods.md §5.2):
 
 1. Text, object-agnostic: two sentences "[V1..V12] object." and "[W1..W12] damaged object."; the 12
    placeholder word embeddings after SOT are replaced by learned vectors (``ctx_pos`` / ``ctx_neg``,
    n_ctx x width). Deep text tokens: before text blocks 2..depth (1-based, depth 9), sequence positions
    1..4 are **overwritten** by that block's learned (4, width) tensor, shared by both sentences (the
-   "prefix overwrite" the authors confirmed, issue #75; pitfall 12). No class name anywhere, so one text
-   forward of two sentences per step. ``object_aware=True`` writes the class name instead of "object"
-   (the paper's object-aware ablation, methods.md 12.1); then the text runs once per class.
+   "prefix overwrite" the authors confirmed, issue #75; docs/methods.md pitfall 12). No class name anywhere,
+   so one text forward of two sentences per step. ``object_aware=True`` writes the class name instead of
+   "object" (the paper's object-aware ablation, docs/methods.md §12.1); then the text runs once per class.
    Learned parameters: 2 x 12 x 768 + 8 x 4 x 768 = 43,008 for ViT-L (the official file also holds 8 unused
    ``Linear(768 -> 896)`` "compound_prompt_projections", 5,512,192 parameters; they are dropped here and
-   ignored when an official checkpoint is read, pitfall 18).
-2. Image, DPAM (methods.md 5.1): a second attention path from block 6 to 24 (1-based; the last 19 blocks,
-   ``DPAM_layer=20``), **residual kept**, no FFN, the block's own projections; its attention is v-v by
-   default (``dpam="vv"``; "qq", "kk" and "qk" = plain attention are the ablation of methods.md 12.1).
+   ignored when an official checkpoint is read, docs/methods.md pitfall 18).
+2. Image, DPAM (docs/methods.md §5.1): a second attention path from block 6 to 24 (1-based; the last 19
+   blocks, ``DPAM_layer=20``), **residual kept**, no FFN, the block's own projections; its attention is v-v by
+   default (``dpam="vv"``; "qq", "kk" and "qk" = plain attention are the ablation of docs/methods.md §12.1).
    Patch tokens: the path at the requested layers through ``ln_post`` + ``proj``. Image embedding g: the
    original-path CLS after the last block ``@ proj`` **without** ``ln_post`` (the official behaviour,
    issue #14; ``cls_ln_post=True`` is the clean variant, CLIP's pooled embedding).
-3. Maps (methods.md 5.3, pitfall 3): per layer, softmax over {normal, abnormal} of cos(token, T) / 0.07 on
-   the token grid, the **probabilities** upsampled bilinearly (``align_corners=False``), map_l =
-   (P_a + 1 - P_n) / 2; summed over the layers; Gaussian sigma 4 per image (scipy defaults, pitfall 6).
+3. Maps (docs/methods.md §5.3, pitfall 3): per layer, softmax over {normal, abnormal} of cos(token, T) / 0.07
+   on the token grid, the **probabilities** upsampled bilinearly (``align_corners=False``), map_l =
+   (P_a + 1 - P_n) / 2; summed over the layers; Gaussian sigma 4 per image (scipy defaults,
+   docs/methods.md pitfall 6).
 4. Image score: softmax(cos(g, T) / 0.07)[abnormal] alone.
-5. Loss (methods.md 5.4): CE(cos(g, T) / 0.07, label) + lambda x sum_layers [focal(P) + dice(P_a, gt) +
+5. Loss (docs/methods.md §5.4): CE(cos(g, T) / 0.07, label) + lambda x sum_layers [focal(P) + dice(P_a, gt) +
    dice(P_n, 1 - gt)], lambda = 4 (hard-coded in the official ``train.py`` whatever the layer count).
-   ``loss="global"`` / ``"local"`` keep one term (the glocal ablation of methods.md 12.1). Adam 1e-3,
+   ``loss="global"`` / ``"local"`` keep one term (the glocal ablation of docs/methods.md §12.1). Adam 1e-3,
    betas (0.5, 0.999), batch 8, 15 epochs, seed 111, no augmentation.
 
-Layers: ``(24,)``, the published model (methods.md 5.6). Any list is accepted and genuinely gives one map
-per layer (every stored layer is a fresh tensor); ``(6, 12, 18, 24)`` is the paper's first description and
+Layers: ``(24,)``, the published model (docs/methods.md §5.6). Any list is accepted and genuinely gives one
+map per layer (every stored layer is a fresh tensor); ``(6, 12, 18, 24)`` is the paper's first description and
 the official parser default, which with the fixed official code gives a different model from the released
-one (pitfall 2). On other depths the defaults scale: the last layer; the path starts at
+one (docs/methods.md pitfall 2). On other depths the defaults scale: the last layer; the path starts at
 L + 1 - round(19 L / 24) (block 2 for the 6-block zsad-tiny); text depth min(9, text blocks).
 
-Official quirks, as named options (``from_official`` sets them; methods.md 13): ``deep_prompt_fp16`` (the
-deep text tokens pass through fp16, ``x.half()`` before concatenation, 13.2) and ``cls_ln_post=False``;
-the bilinear positional-embedding resize without antialias is a :func:`zsad.backbone.load_clip` option.
-AnomalyCLIP runs the OpenAI weights with QuickGELU and does not round them (13.1, 13.8).
+Official quirks, as named options (``from_official`` sets them; docs/methods.md §13): ``deep_prompt_fp16``
+(the deep text tokens pass through fp16, ``x.half()`` before concatenation, docs/methods.md §13.2) and
+``cls_ln_post=False``; the bilinear positional-embedding resize without antialias is a
+:func:`zsad.backbone.load_clip` option. AnomalyCLIP runs the OpenAI weights with QuickGELU and does not round
+them (docs/methods.md §13.1, §13.8).
 """
 
 from __future__ import annotations
@@ -51,21 +53,23 @@ from torch import nn
 from zsad.backbone import AttnPath, CLIPBackbone
 from zsad.losses import cross_entropy, layer_losses
 from zsad.methods.base import (
-    TrainableDetector,
+    ViTL14Trainable,
     check_choice,
     check_layers,
     check_precision,
     check_sigma,
+    paper_schedule,
     upsample_grid,
 )
-from zsad.methods.clipad_sdp import smooth_maps
+from zsad.methods.clipad_sdp import smooth_map_tensor
 from zsad.prompts import class_phrase
 
 TEMPERATURE = 0.07
 DPAM_MODES = ("vv", "qq", "kk", "qk")
 LOSSES = ("glocal", "global", "local")
 # Keys of the official prompt-learner state dict that are not learned here: the frozen word embeddings of
-# the templates (rebuilt from the CLIP weights), the token ids, and the unused projections (pitfall 18).
+# the templates (rebuilt from the CLIP weights), the token ids, and the unused projections
+# (docs/methods.md pitfall 18).
 OFFICIAL_IGNORED = (
     "token_prefix_pos",
     "token_suffix_pos",
@@ -83,7 +87,7 @@ def default_dpam_start(num_layers: int) -> int:
 
 
 class PromptLearner(nn.Module):
-    """The learned word and deep text tokens (methods.md 5.2); parameter names follow the official file.
+    """The learned word and deep text tokens (docs/methods.md §5.2); parameter names follow the official file.
 
     ctx_pos / ctx_neg: (n_ctx, W) word embeddings of the normal / abnormal sentence, N(0, 0.02) init.
     compound_prompts_text: one (t_n_ctx, W) tensor per text block 2..depth, N(0, 0.02) init.
@@ -99,7 +103,7 @@ class PromptLearner(nn.Module):
 
     def deep_prompts(self, fp16: bool) -> dict[int, torch.Tensor]:
         """Text block (1-based) -> tokens overwriting positions 1..t_n_ctx before it runs (blocks 2..depth);
-        ``fp16``: rounded through half precision, as the official ``.half()`` (methods.md 13.2)."""
+        ``fp16``: rounded through half precision, as the official ``.half()`` (docs/methods.md §13.2)."""
         return {
             block: (p.half().float() if fp16 else p)
             for block, p in enumerate(self.compound_prompts_text, start=2)
@@ -119,19 +123,20 @@ def official_to_learned(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 def state_probs(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """softmax over {normal, abnormal} of cos / 0.07: tokens (B, N, D), text (B, D, 2) unit columns ->
-    (B, N, 2) (official ``compute_similarity``, methods.md 5.3)."""
+    (B, N, 2) (official ``compute_similarity``, docs/methods.md §5.3)."""
     cos = torch.einsum("bnd,bdk->bnk", F.normalize(tokens, dim=-1), text)
     return (cos / TEMPERATURE).softmax(dim=-1)
 
 
 def upsample_probs(probs: torch.Tensor, grid: tuple[int, int], size: int) -> torch.Tensor:
-    """Token probabilities (B, N, 2) -> (B, 2, S, S), bilinear with ``align_corners=False`` (pitfall 3)."""
+    """Token probabilities (B, N, 2) -> (B, 2, S, S), bilinear with ``align_corners=False``
+    (docs/methods.md pitfall 3)."""
     batch, n, states = probs.shape
     up = upsample_grid(probs.transpose(1, 2).reshape(batch * states, n), grid, size, align_corners=False)
     return up.view(batch, states, size, size)
 
 
-class AnomalyCLIP(TrainableDetector):
+class AnomalyCLIP(ViTL14Trainable):
     """AnomalyCLIP; see the module docstring for the method and its official quirks.
 
     Options:
@@ -152,19 +157,9 @@ class AnomalyCLIP(TrainableDetector):
 
     method_id: ClassVar[str] = "anomalyclip"
     paper: ClassVar[str] = "Zhou, Pang et al., AnomalyCLIP, ICLR 2024, arXiv 2310.18961"
-    default_backbone: ClassVar[str] = "ViT-L-14-336"
-    default_weights: ClassVar[str | None] = "openai"
-    default_image_size: ClassVar[int] = 518
-    train_settings: ClassVar[dict[str, Any]] = {
-        "epochs": 15,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "optimizer": "adam",
-        "betas": (0.5, 0.999),
-        "mosaic": 0.0,
-        "shuffle": True,
-        "seed": 111,
-    }
+    train_settings: ClassVar[dict[str, Any]] = paper_schedule(
+        epochs=15, batch_size=8, lr=1e-3, optimizer="adam", betas=(0.5, 0.999)
+    )
     inference_options: ClassVar[tuple[str, ...]] = ("sigma", "precision")
 
     def __init__(
@@ -214,7 +209,8 @@ class AnomalyCLIP(TrainableDetector):
         )
         self.layers = layers
         self.attn_path = AttnPath(mode=dpam, variant="residual", start_block=dpam_start, replace_cls=False)
-        self.learned = PromptLearner(backbone.text_width, int(n_ctx), int(t_n_ctx), depth)
+        # Initialised on the CPU's RNG, so every device starts from the same values.
+        self.learned = PromptLearner(backbone.text_width, int(n_ctx), int(t_n_ctx), depth).to(backbone.device)
 
     # ------------------------------------------------------------------------------------------ text
     def template_ids(self, object_word: str = "object") -> torch.Tensor:
@@ -257,14 +253,8 @@ class AnomalyCLIP(TrainableDetector):
 
     # ------------------------------------------------------------------------------------------ image
     def feature_key(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone.name,
-            "weights": self.backbone.weights_id,
-            "size": self.image_size,
-            "layers": list(self.layers),
-            "kind": f"anomalyclip-dpam-{self.options['dpam']}-from{self.options['dpam_start']}",
-            "precision": self.options["precision"],
-        }
+        kind = f"anomalyclip-dpam-{self.options['dpam']}-from{self.options['dpam_start']}"
+        return self.frozen_feature_key(kind, layers=list(self.layers))
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -275,7 +265,7 @@ class AnomalyCLIP(TrainableDetector):
             images,
             layers=sorted({*self.layers, last}),
             attn_path=self.attn_path,
-            autocast=self.bf16,
+            autocast=self.autocast,
         )
         out = {f"path_{layer}": feats.path_tokens_proj[layer] for layer in self.layers}
         out["cls_proj"] = (feats.tokens[last][:, 0] @ self.backbone.model.visual.proj).float()
@@ -313,8 +303,7 @@ class AnomalyCLIP(TrainableDetector):
         text = self.text_batch(class_names)
         scores = self.global_logits(features, text).softmax(dim=-1)[:, 1]
         raw = self.unsmoothed_map(features, text)
-        maps = smooth_maps(raw.cpu().numpy(), self.options["sigma"])
-        return scores, torch.from_numpy(maps).to(raw.device)
+        return scores, smooth_map_tensor(raw, self.options["sigma"])
 
     # ------------------------------------------------------------------------------------------ training
     def training_loss(
@@ -325,7 +314,7 @@ class AnomalyCLIP(TrainableDetector):
         class_names: list[str],
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """CE(cos(g, T) / 0.07, label) + lam x sum_layers segmentation_loss(P, gt, normal_dice=True)
-        (methods.md 5.4); ``loss`` keeps the global or the local term alone."""
+        (docs/methods.md §5.4); ``loss`` keeps the global or the local term alone."""
         text = self.text_batch(class_names)
         parts: dict[str, float] = {}
         terms = []

@@ -1,22 +1,23 @@
-"""APRIL-GAN (VAND 2023 challenge): Chen, Han, Zhang, arXiv 2305.17382 (methods.md section 3).
+"""APRIL-GAN (VAND 2023 challenge): Chen, Han, Zhang, arXiv 2305.17382 (docs/methods.md §3).
 
-Zero-shot track (trained on an auxiliary dataset, methods.md 3.1-3.4):
+Zero-shot track (trained on an auxiliary dataset, docs/methods.md §3.1-§3.4):
 
 1. Frozen CLIP (paper: OpenAI ViT-L-14-336 at 518 px). The **raw residual-stream tokens** after blocks
    6, 12, 18, 24 (no ``ln_post``, no ``proj``, CLS dropped) each go through one learned
    ``Linear(width -> embed_dim)`` with bias: the whole learned model (4 x 0.79M parameters for ViT-L).
 2. Text: per class, the 7 normal / 5 abnormal states x 35 templates ensemble (per-sentence normalisation,
-   mean, re-normalisation; methods.md 1.2), columns [t_normal, t_abnormal].
+   mean, re-normalisation; docs/methods.md §1.2), columns [t_normal, t_abnormal].
 3. Per layer: logits = 100 <normalise(head(tokens)), T>, reshaped to the token grid, **upsampled as logits**
-   to S x S (bilinear, ``align_corners=True``), **then** a softmax over the two states (pitfall 3); the map is
-   the **sum** over layers of the abnormal probability (range [0, 4]); no smoothing (pitfall 6).
+   to S x S (bilinear, ``align_corners=True``), **then** a softmax over the two states
+   (docs/methods.md pitfall 3); the map is the **sum** over layers of the abnormal probability (range [0, 4]);
+   no smoothing (docs/methods.md pitfall 6).
 4. Image score: softmax(100 <g, T>)[abnormal] on the pooled CLS embedding g (``ln_post`` + ``proj``).
 5. Training loss, per layer: focal(softmax map, gt) + dice(abnormal channel, gt); no image loss and no
    normal-channel dice. Adam lr 1e-3, betas (0.5, 0.999), batch 8, seed 111; 3 epochs with mosaic 0.2 when
    the auxiliary set is MVTec (preset "aux-mvtec"), 15 without mosaic when it is VisA (preset "aux-visa").
 
-Few-shot track (``fit_few_shot``, methods.md 3.3): the raw patch tokens of k normal images per class at the
-same layers form a memory; a test token scores min over the memory of (1 - cos), each layer's map is
+Few-shot track (``fit_few_shot``, docs/methods.md §3.3): the raw patch tokens of k normal images per class at
+the same layers form a memory; a test token scores min over the memory of (1 - cos), each layer's map is
 upsampled (``align_corners=True``) and the layers are summed; this memory map is **added** to the zero-shot
 map. Image score, option ``image_score``:
 
@@ -34,7 +35,6 @@ Layers on other depths: the quarter points ceil(L k / 4), k = 1..4 (6, 12, 18, 2
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -44,7 +44,14 @@ import torch.nn.functional as F
 
 from zsad.backbone import CLIPBackbone
 from zsad.losses import layer_losses
-from zsad.methods.base import TrainableDetector, check_choice, check_layers, check_precision
+from zsad.methods.base import (
+    ViTL14Trainable,
+    check_choice,
+    check_layers,
+    check_precision,
+    paper_schedule,
+    quarter_layers,
+)
 from zsad.methods.heads import LOGIT_SCALE, LinearHeads, token_logits, upsampled_probs
 from zsad.methods.memory_bank import PatchMemory, upsample_sum
 from zsad.prompts import class_phrase, text_features
@@ -55,12 +62,7 @@ if TYPE_CHECKING:
 IMAGE_SCORES = ("bounded", "official-transductive", "text")
 
 
-def quarter_layers(num_layers: int) -> tuple[int, ...]:
-    """ceil(L k / 4) for k = 1..4, without repeats: (6, 12, 18, 24) for L = 24."""
-    return tuple(dict.fromkeys(max(1, math.ceil(num_layers * k / 4)) for k in range(1, 5)))
-
-
-class AprilGAN(TrainableDetector):
+class AprilGAN(ViTL14Trainable):
     """APRIL-GAN zero-shot heads plus the optional few-shot memory. See the module docstring.
 
     Options:
@@ -73,20 +75,10 @@ class AprilGAN(TrainableDetector):
 
     method_id: ClassVar[str] = "aprilgan"
     paper: ClassVar[str] = "Chen, Han, Zhang, APRIL-GAN (VAND 2023 challenge), arXiv 2305.17382"
-    default_backbone: ClassVar[str] = "ViT-L-14-336"
-    default_weights: ClassVar[str | None] = "openai"
-    default_image_size: ClassVar[int] = 518
     few_shot: ClassVar[bool] = True
-    train_settings: ClassVar[dict[str, Any]] = {
-        "epochs": 15,
-        "batch_size": 8,
-        "lr": 1e-3,
-        "optimizer": "adam",
-        "betas": (0.5, 0.999),
-        "mosaic": 0.0,
-        "shuffle": True,
-        "seed": 111,
-    }
+    train_settings: ClassVar[dict[str, Any]] = paper_schedule(
+        epochs=15, batch_size=8, lr=1e-3, optimizer="adam", betas=(0.5, 0.999)
+    )
     train_presets: ClassVar[dict[str, dict[str, Any]]] = {
         "aux-mvtec": {"epochs": 3, "mosaic": 0.2},  # the model for VisA and the other targets
         "aux-visa": {"epochs": 15, "mosaic": 0.0},  # the model for MVTec
@@ -113,14 +105,15 @@ class AprilGAN(TrainableDetector):
             precision=check_precision(precision),
         )
         self.layers = layers
-        self.learned = LinearHeads(backbone.width, backbone.embed_dim, len(layers))
+        # Initialised on the CPU's RNG, so every device starts from the same values.
+        self.learned = LinearHeads(backbone.width, backbone.embed_dim, len(layers)).to(backbone.device)
         self.memory: PatchMemory | None = None
         self._text: dict[str, torch.Tensor] = {}
         self.last_score_parts: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------------------------------ text
     def text_features(self, class_name: str) -> torch.Tensor:
-        """(D, 2) unit columns [t_normal, t_abnormal] of one class, computed once (methods.md 3.2)."""
+        """(D, 2) unit columns [t_normal, t_abnormal] of one class, computed once (docs/methods.md §3.2)."""
         if class_name not in self._text:
             phrase = class_phrase(class_name, self.options["replace_underscores"])
             self._text[class_name] = text_features(self.backbone, phrase, self.options["bank"])
@@ -131,18 +124,11 @@ class AprilGAN(TrainableDetector):
 
     # ------------------------------------------------------------------------------------------ features
     def feature_key(self) -> dict[str, Any]:
-        return {
-            "backbone": self.backbone.name,
-            "weights": self.backbone.weights_id,
-            "size": self.image_size,
-            "layers": list(self.layers),
-            "kind": "raw-tokens+pooled",
-            "precision": self.options["precision"],
-        }
+        return self.frozen_feature_key("raw-tokens+pooled", layers=list(self.layers))
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.bf16)
+        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.autocast)
         out = {"pooled": feats.pooled}
         out.update({f"tokens_{layer}": feats.tokens[layer] for layer in self.layers})
         return out
@@ -168,15 +154,16 @@ class AprilGAN(TrainableDetector):
         labels: torch.Tensor,
         class_names: list[str],
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum over layers of focal + dice(abnormal) (methods.md 3.4)."""
+        """Sum over layers of focal + dice(abnormal) (docs/methods.md §3.4)."""
         return layer_losses(self.layers, self.layer_probs(features, class_names), masks)
 
     # ------------------------------------------------------------------------------------------ few-shot
     @torch.no_grad()
     def fit_few_shot(self, images: torch.Tensor, class_names: list[str]) -> AprilGAN:
-        """Store the raw patch tokens of these normal images as their classes' memory (methods.md 3.3)."""
+        """Store the raw patch tokens of these normal images as their classes' memory
+        (docs/methods.md §3.3)."""
         self.check_input(images, class_names)
-        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.bf16)
+        feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.autocast)
         if self.memory is None:
             self.memory = PatchMemory(self.layers, self.backbone.grid_size)
         self.memory.fit(feats, class_names)

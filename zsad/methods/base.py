@@ -7,6 +7,7 @@ Notebooks, the evaluator and the CLI only ever talk to this interface.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zsad.backbone import CLIPBackbone
+from zsad.device import AUTOCAST_DTYPES, PRECISIONS
 
 
 def upsample_grid(
@@ -22,19 +24,17 @@ def upsample_grid(
 ) -> torch.Tensor:
     """Token scores (B, h*w) or (B, h, w) on a row-major grid -> (B, size, size), bilinear.
 
-    ``align_corners`` differs between the papers (methods.md pitfall 3): APRIL-GAN/AdaCLIP/SDP+ use True,
+    ``align_corners`` differs between the papers (docs/methods.md pitfall 3): APRIL-GAN/AdaCLIP/SDP+ use True,
     WinCLIP (anomalib), AnomalyCLIP and CLIP-AD SDP use False.
     """
     grid_map = token_map.reshape(token_map.shape[0], 1, *grid).float()
     return F.interpolate(grid_map, size=(size, size), mode="bilinear", align_corners=align_corners)[:, 0]
 
 
-PRECISIONS = ("fp32", "bf16")
-
-
 def check_precision(precision: str) -> str:
-    """The one precision option of every method: "fp32" (default, parity) or "bf16" (autocast of the image
-    tower; text features are computed once per class and stay fp32)."""
+    """The one precision option of every method: "fp32" (default, parity), "bf16" (autocast of the image
+    tower; text features are computed once per class and stay fp32) or "fp16" (the same autocast in half
+    precision, CUDA only: :func:`zsad.device.check_precision_on`)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     return precision
@@ -64,6 +64,19 @@ def check_sigma(sigma: float) -> float:
     return float(sigma)
 
 
+def quarter_layers(num_layers: int) -> tuple[int, ...]:
+    """ceil(L k / 4) for k = 1..4, without repeats: (6, 12, 18, 24) for L = 24 (the blocks APRIL-GAN,
+    AdaCLIP and MFP-CLIP tap by default)."""
+    return tuple(dict.fromkeys(max(1, math.ceil(num_layers * k / 4)) for k in range(1, 5)))
+
+
+def paper_schedule(**paper: Any) -> dict[str, Any]:
+    """A trained method's ``train_settings``: the optimiser and schedule its paper gives (each method lists
+    them), over what the trained methods share unless they say otherwise: no mosaic (a preset turns it on
+    where the paper's auxiliary set is MVTec AD), shuffled batches and seed 111, the official scripts'."""
+    return {"mosaic": 0.0, "shuffle": True, "seed": 111, **paper}
+
+
 class Detector:
     """Base class: subclasses set the class attributes and implement :meth:`predict`.
 
@@ -86,9 +99,9 @@ class Detector:
         return self.backbone.image_size
 
     @property
-    def bf16(self) -> bool:
-        """True when the option ``precision="bf16"`` asks for bf16 autocast of the image tower."""
-        return self.options.get("precision") == "bf16"
+    def autocast(self) -> torch.dtype | None:
+        """The autocast dtype of the image tower for the ``precision`` option (None = fp32, no autocast)."""
+        return AUTOCAST_DTYPES[self.options.get("precision", "fp32")]
 
     def config(self) -> dict[str, Any]:
         """JSON-serialisable description of this detector (method, backbone, weights, options)."""
@@ -98,6 +111,19 @@ class Detector:
             "weights": self.backbone.pretrained,
             "image_size": self.backbone.image_size,
             **{k: v for k, v in self.options.items() if isinstance(v, (int, float, str, bool, list, tuple))},
+        }
+
+    def frozen_feature_key(self, kind: str, **details: Any) -> dict[str, Any]:
+        """What a method's frozen (cacheable) features depend on, for :class:`zsad.cache.FeatureCache`: the
+        backbone, its weights, the input size and ``precision`` that every method shares, plus the method's
+        own ``kind`` of features and ``details`` (e.g. the tapped ``layers``)."""
+        return {
+            "backbone": self.backbone.name,
+            "weights": self.backbone.weights_id,
+            "size": self.image_size,
+            "kind": kind,
+            **details,
+            "precision": self.options["precision"],
         }
 
     def fit_few_shot(self, images: torch.Tensor, class_names: list[str]) -> Detector:
@@ -165,8 +191,9 @@ class TrainableDetector(Detector):
         raise NotImplementedError
 
     def learned_state(self) -> dict[str, torch.Tensor]:
-        """The learned parameters as a flat dict of tensors (what ``model.safetensors`` holds)."""
-        return {k: v.detach().clone().contiguous() for k, v in self.learned.state_dict().items()}
+        """The learned parameters as a flat dict of CPU tensors (what ``model.safetensors`` holds, whichever
+        device trained them)."""
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self.learned.state_dict().items()}
 
     def load_learned(self, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
         """Load learned parameters; a key or shape mismatch names the keys instead of torch's dump."""
@@ -190,3 +217,13 @@ class TrainableDetector(Detector):
         self.check_input(images, class_names)
         with torch.no_grad():
             return self.predict_features(self.extract_features(images), class_names)
+
+
+class ViTL14Trainable(TrainableDetector):
+    """A trainable detector whose paper uses OpenAI's ViT-L/14@336 fed 518-pixel images: APRIL-GAN,
+    AnomalyCLIP, AdaCLIP and MFP-CLIP (their papers' implementation details). Their own options, schedule
+    (:func:`paper_schedule`) and presets stay in each method's class."""
+
+    default_backbone: ClassVar[str] = "ViT-L-14-336"
+    default_weights: ClassVar[str | None] = "openai"
+    default_image_size: ClassVar[int] = 518

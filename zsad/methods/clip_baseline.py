@@ -1,4 +1,4 @@
-"""Plain CLIP prompt-ensemble baseline (the "CLIP" row of AnomalyCLIP Table 1; methods.md 1.2).
+"""Plain CLIP prompt-ensemble baseline (the "CLIP" row of AnomalyCLIP Table 1; docs/methods.md §1.2).
 
 Text: per class, ``[t_normal, t_abnormal]`` from a hand-crafted prompt bank (per-sentence normalisation,
 mean, re-normalisation). Image score: ``softmax(scale * <g, T>)[abnormal]`` on the pooled, projected CLS
@@ -64,7 +64,7 @@ class CLIPBaseline(Detector):
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         last = self.backbone.num_layers
-        feats = self.backbone.encode_image(images, layers=(last,), autocast=self.bf16)
+        feats = self.backbone.encode_image(images, layers=(last,), autocast=self.autocast)
         return {"pooled": feats.pooled, "patches": feats.tokens_proj[last][:, 1:]}
 
     @torch.no_grad()

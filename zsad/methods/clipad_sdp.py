@@ -1,6 +1,6 @@
-"""CLIP-AD, training-free Staged Dual-Path (SDP): Chen et al., arXiv 2311.00453 (methods.md section 4).
+"""CLIP-AD, training-free Staged Dual-Path (SDP): Chen et al., arXiv 2311.00453 (docs/methods.md §4).
 
-How one image is scored (methods.md 4.1-4.4):
+How one image is scored (docs/methods.md §4.1-§4.4):
 
 1. **Staged dual path.** Every vision block also runs a v-v attention (q = k = v = the value projection) on
    the original path's LN input. The second path starts from the first block's v-v output alone (no residual
@@ -15,11 +15,11 @@ How one image is scored (methods.md 4.1-4.4):
 3. **Feature surgery** per layer (CLIP Surgery): with unit tokens p, unit CLS c and text columns t_k,
    w_k = softmax_k(<c, t_k>) / mean_k softmax (no temperature, so w is close to 1), and
    s_k = sum_c (p * t_k * w_k - mean_j p * t_j * w_j) = w_k cos(p, t_k) - mean_j w_j cos(p, t_j).
-   For two states s_abnormal = (w_a cos(p, t_a) - w_n cos(p, t_n)) / 2 (methods.md 4.3).
+   For two states s_abnormal = (w_a cos(p, t_a) - w_n cos(p, t_n)) / 2 (docs/methods.md §4.3).
 4. **Map.** Surgery scores summed over the layers, bilinearly upsampled to the input size
    (``align_corners=False``), abnormal channel, Gaussian-smoothed per image (sigma 8, scipy defaults:
-   truncate 4, mode "reflect"; pitfall 6).
-5. **Image score** (pitfalls 7 and 13.7), option ``image_score``:
+   truncate 4, mode "reflect"; docs/methods.md pitfall 6).
+5. **Image score** (docs/methods.md pitfall 7, §13.7), option ``image_score``:
    ``"global"`` (default) softmax(100 <c_last, T>)[abnormal], where c_last is the CLS of the last requested
    layer (layer 12: the ordinary CLIP image embedding), as in the official ``image_features[-1]``;
    ``"max"`` the maximum of the smoothed map; ``"minmax-sum"`` the paper's score, per-class min-max of both
@@ -30,9 +30,9 @@ How one image is scored (methods.md 4.1-4.4):
 Which CLS weights the surgery: each layer's own CLS (original path, after ``ln_post`` + ``proj``,
 L2-normalised), as in the official ``image_feature[:, :1, :]`` per layer.
 
-Aliasing quirk (methods.md 4.6, pitfall 1): the official dual-path block updates the original path in place,
-so the original tokens stored at layers 3, 6 and 9 also contain the next block's attention output. For SDP
-this reaches only the CLS copied into the surgery tokens at those layers, i.e. the surgery class weights w
+Aliasing quirk (docs/methods.md §4.6, pitfall 1): the official dual-path block updates the original path in
+place, so the original tokens stored at layers 3, 6 and 9 also contain the next block's attention output. For
+SDP this reaches only the CLS copied into the surgery tokens at those layers, i.e. the surgery class weights w
 (the layer-12 CLS of the global score is unaffected, and the v-v tokens escape because the next block is a
 stage boundary). It matters far more for SDP+ (trained on the "ori" tokens). The default here clones (clean);
 ``legacy_aliasing=True`` asks the backbone to reproduce the official behaviour.
@@ -79,7 +79,8 @@ if TYPE_CHECKING:
 
 IMAGE_SCORES = ("global", "max", "minmax-sum")
 TEXT_PRECISIONS = ("fp32", "fp16-official")
-# Temperature of the global image score (official test.py); the surgery weights use none (methods.md 4.3).
+# Temperature of the global image score (official test.py); the surgery weights use none
+# (docs/methods.md §4.3).
 GLOBAL_LOGIT_SCALE = 100.0
 
 
@@ -102,7 +103,7 @@ def stage_ends(num_layers: int, num_stages: int) -> tuple[int, ...]:
 def feature_surgery(tokens: torch.Tensor, cls: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
     """CLIP-Surgery scores of unit tokens (B, N, D) against unit text columns (B, D, K) -> (B, N, K).
 
-    w_k = softmax_k(<cls, t_k>) / mean_k softmax, without temperature (methods.md 4.3, pitfall 13.4);
+    w_k = softmax_k(<cls, t_k>) / mean_k softmax, without temperature (docs/methods.md §4.3, §13.4);
     s_k = w_k cos(p, t_k) - mean_j w_j cos(p, t_j), which is the channel sum of the element-wise products
     p * t_k * w_k after subtracting their mean over the K states (the "redundant feature").
     """
@@ -118,10 +119,17 @@ def cosine_scores(tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Per-image scipy Gaussian filter with its defaults (truncate 4, mode "reflect"); pitfall 6."""
+    """Per-image scipy Gaussian filter with its defaults (truncate 4, mode "reflect");
+    docs/methods.md pitfall 6."""
     if sigma <= 0:
         return maps
     return np.stack([gaussian_filter(m, sigma=sigma) for m in maps])
+
+
+def smooth_map_tensor(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """:func:`smooth_maps` of a (B, S, S) tensor, float32 on its device. :mod:`zsad.export` swaps this name
+    for a traceable convolution with the same kernel and border rule while it exports a graph."""
+    return torch.from_numpy(smooth_maps(maps.detach().float().cpu().numpy(), sigma)).to(maps.device)
 
 
 def _minmax(x: np.ndarray) -> np.ndarray:
@@ -137,7 +145,7 @@ def transductive_scores(
 ) -> np.ndarray:
     """CLIP-AD's image score: per class, min-max(global) + min-max(map max) over the class's test images.
 
-    Transductive (methods.md 4.4, pitfall 13.7): the score of one image depends on every other test image of
+    Transductive (docs/methods.md §4.4, §13.7): the score of one image depends on every other test image of
     its class, so it is a post-processing step over the whole test set, not part of ``predict``. A class with
     constant scores (or one image) contributes 0 for that term instead of the official 0/0 = NaN.
     """
@@ -161,7 +169,7 @@ def transductive_scores(
 def representative_vector(
     embeddings: torch.Tensor, rvs: str = "dbscan", text_precision: str = "fp32", **reducer_options: float
 ) -> torch.Tensor:
-    """RVS (methods.md 4.2): one unit vector (D,) from unit sentence embeddings (N, D).
+    """RVS (docs/methods.md §4.2): one unit vector (D,) from unit sentence embeddings (N, D).
 
     ``text_precision="fp16-official"`` repeats the official arithmetic exactly (parity trap 13.2): the
     reducer runs on the float32 numpy embeddings (so DBSCAN's cluster mean is a float32 ``np.mean``), its
@@ -194,7 +202,8 @@ class ClipADSDP(Detector):
             fp16 and normalised in fp16 as the official code does (parity trap 13.2).
         bank: prompt bank, default "clipad"; replace_underscores: "metal_nut" -> "metal nut" (default off,
             as the official code).
-        legacy_aliasing: reproduce the official in-place aliasing of the stored original-path CLS (4.6).
+        legacy_aliasing: reproduce the official in-place aliasing of the stored original-path CLS
+        (docs/methods.md §4.6).
         precision: "fp32" (default) or "bf16" (autocast of the image tower).
     """
 
@@ -271,7 +280,8 @@ class ClipADSDP(Detector):
     # ------------------------------------------------------------------------------------------ text
     @torch.no_grad()
     def text_features(self, class_name: str) -> torch.Tensor:
-        """(D, 2) unit columns [t_normal, t_abnormal] of one class, RVS-reduced, cached (methods.md 4.2)."""
+        """(D, 2) unit columns [t_normal, t_abnormal] of one class, RVS-reduced, cached
+        (docs/methods.md §4.2)."""
         if class_name not in self._text_cache:
             phrase = class_phrase(class_name, self.options["replace_underscores"])
             columns = [
@@ -306,7 +316,7 @@ class ClipADSDP(Detector):
         ``proj``, not normalised. The backbone has already written the original path's CLS into the staged
         path's CLS position (``AttnPath.replace_cls`` defaults to True for "staged"), as the official code."""
         feats = self.backbone.encode_image(
-            images, layers=self.layers, attn_path=self.attn_path, autocast=self.bf16
+            images, layers=self.layers, attn_path=self.attn_path, autocast=self.autocast
         )
         return self.select_features(feats)
 
@@ -320,7 +330,8 @@ class ClipADSDP(Detector):
         return out
 
     def surgery_map(self, features: dict[str, torch.Tensor], text: torch.Tensor) -> torch.Tensor:
-        """The unsmoothed SDP map (B, S, S): surgery scores summed over layers, upsampled (methods.md 4.3)."""
+        """The unsmoothed SDP map (B, S, S): surgery scores summed over layers, upsampled
+        (docs/methods.md §4.3)."""
         scores = None
         for layer in self.layers:
             cls = F.normalize(features[f"cls_{layer}"].float(), dim=-1)
@@ -340,17 +351,19 @@ class ClipADSDP(Detector):
     def score_parts_from_features(
         self, features: dict[str, torch.Tensor], class_names: list[str]
     ) -> dict[str, torch.Tensor]:
-        """Smoothed ``map`` (B, S, S) and the image scores ``global`` and ``max`` (B,); methods.md 4.3-4.4."""
+        """Smoothed ``map`` (B, S, S) and the image scores ``global`` and ``max`` (B,);
+        docs/methods.md §4.3-§4.4."""
         text = torch.stack([self.text_features(name) for name in class_names]).float()  # (B, D, 2)
         up = self.unsmoothed_map(features, text)
-        maps = smooth_maps(up.cpu().numpy().astype(np.float32), self.options["sigma"])
+        maps = smooth_map_tensor(up, self.options["sigma"])
         # The global score reads the CLS of the last requested layer (official: image_features[-1]).
         cls_last = F.normalize(features[f"cls_{self.layers[-1]}"].float(), dim=-1)
         logits = GLOBAL_LOGIT_SCALE * torch.einsum("bd,bdk->bk", cls_last, text)
+        # Smoothing runs on the CPU (scipy, parity); its results return to the device of the other parts.
         return {
-            "map": torch.from_numpy(maps),
+            "map": maps,
             "global": logits.softmax(dim=-1)[:, 1],
-            "max": torch.from_numpy(maps.reshape(len(maps), -1).max(axis=1)),
+            "max": maps.flatten(1).amax(dim=1),
         }
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
-"""CLIP-AD SDP+: the training-free SDP map plus learned linear heads (Chen et al., arXiv 2311.00453, sec. 4.5
-of methods.md).
+"""CLIP-AD SDP+: the training-free SDP map plus learned linear heads (Chen et al., arXiv 2311.00453;
+docs/methods.md §4.5).
 
 SDP+ keeps everything of :class:`zsad.methods.clipad_sdp.ClipADSDP` (staged v-v path, RVS text vectors,
 feature surgery, image score) and adds one ``Linear(width -> embed_dim)`` per stage end (896 -> 640 for
@@ -9,12 +9,12 @@ logits upsampled bilinearly with ``align_corners=True``, softmax, abnormal chann
 
     map = gaussian_sigma( SDP surgery map + sum_l softmax(up(logits_l))[abnormal] )
 
-Smoothing sigma 8 (the VisA-target run of the paper uses 2: ``sigma=2``). Training (methods.md 4.5): per layer
-focal + dice(abnormal); Adam lr 1e-4 with default betas, batch 8, 5 epochs, seed 42. The official loader does
-not shuffle: ``shuffle=False`` (preset "official") reproduces it; the default here shuffles.
+Smoothing sigma 8 (the VisA-target run of the paper uses 2: ``sigma=2``). Training (docs/methods.md §4.5): per
+layer focal + dice(abnormal); Adam lr 1e-4 with default betas, batch 8, 5 epochs, seed 42. The official loader
+does not shuffle: ``shuffle=False`` (preset "official") reproduces it; the default here shuffles.
 
-Aliasing (methods.md 4.6): the official dual-path block adds the next block's attention output *in place* to
-the stored original tokens of layers 3, 6 and 9, and SDP+ was trained and evaluated on those tokens.
+Aliasing (docs/methods.md §4.6): the official dual-path block adds the next block's attention output *in
+place* to the stored original tokens of layers 3, 6 and 9, and SDP+ was trained and evaluated on those tokens.
 ``legacy_aliasing=True`` reproduces it (``from_official`` sets it); the default reads clean tokens.
 """
 
@@ -51,7 +51,8 @@ class ClipADSDPPlus(ClipADSDP, TrainableDetector):
 
     def __init__(self, backbone: CLIPBackbone, **options: Any) -> None:
         super().__init__(backbone, **options)
-        self.learned = LinearHeads(backbone.width, backbone.embed_dim, len(self.layers))
+        # Initialised on the CPU's RNG, so every device starts from the same values.
+        self.learned = LinearHeads(backbone.width, backbone.embed_dim, len(self.layers)).to(backbone.device)
 
     def feature_key(self) -> dict[str, Any]:
         return {**super().feature_key(), "kind": "clipad-staged-vv+ori"}
@@ -80,7 +81,7 @@ class ClipADSDPPlus(ClipADSDP, TrainableDetector):
         labels: torch.Tensor,
         class_names: list[str],
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Sum over layers of focal + dice(abnormal) on the heads' maps (methods.md 4.5)."""
+        """Sum over layers of focal + dice(abnormal) on the heads' maps (docs/methods.md §4.5)."""
         with torch.no_grad():
             text = torch.stack([self.text_features(name) for name in class_names]).float()
         return layer_losses(self.layers, self.layer_probs(features, text), masks)

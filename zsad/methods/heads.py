@@ -3,7 +3,7 @@
 Both papers project raw residual-stream tokens of a few layers with one ``Linear(width -> embed_dim)`` per
 layer into CLIP's joint space, score them against the text with a logit scale of 100, upsample the **logits**
 bilinearly with ``align_corners=True`` and only then take the softmax over {normal, abnormal}
-(methods.md 3.3, 4.5, pitfall 3).
+(docs/methods.md §3.3, §4.5, pitfall 3).
 """
 
 from __future__ import annotations

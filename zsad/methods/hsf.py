@@ -1,5 +1,5 @@
 """Hybrid Semantic Fusion (HSF): AdaCLIP's image-level feature from the most anomalous patch tokens
-(Cao et al., ECCV 2024, arXiv 2407.15795, the paper's HSF module; methods.md 6.2).
+(Cao et al., ECCV 2024, arXiv 2407.15795, the paper's HSF module; docs/methods.md §6.2).
 
 Two variants:
 
@@ -14,8 +14,8 @@ Two variants:
 
 The k-means is sklearn's ``KMeans(n_clusters=K, n_init="auto")`` (k-means++ init, one Lloyd run), as upstream,
 so the official labels are reproducible bit for bit given the same random stream. Which stream is a choice
-(methods.md 13.4): upstream draws from numpy's global RNG, seeded once and shared by every image in order,
-so an image's result depends on the images before it. zsad seeds every image afresh by default
+(docs/methods.md §13.4): upstream draws from numpy's global RNG, seeded once and shared by every image in
+order, so an image's result depends on the images before it. zsad seeds every image afresh by default
 (``per_image_rng``) and offers the shared stream as a named option (``SharedRNG``).
 
 Cluster labels are not differentiable; the centres are (gradients reach the tokens through the member
@@ -126,7 +126,7 @@ def fuse(h: torch.Tensor, g: torch.Tensor, alpha: float = ALPHA) -> torch.Tensor
 
 class SharedRNG:
     """The official k-means stream: one ``RandomState(seed)`` consumed by every image in order
-    (methods.md 13.4). ``reset()`` restarts it, as a fresh official process would."""
+    (docs/methods.md §13.4). ``reset()`` restarts it, as a fresh official process would."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed)

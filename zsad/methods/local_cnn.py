@@ -1,4 +1,5 @@
-"""A frozen torchvision ResNet as a source of local image features (MFP-CLIP's SP and I2TP, methods.md 7).
+"""A frozen torchvision ResNet as a source of local image features (MFP-CLIP's SP and I2TP,
+docs/methods.md §7).
 
 MFP-CLIP's self prompt (SP) reads "local features of a CNN"; the write-up does not name the CNN. Our choice:
 **torchvision ResNet-18** (any torchvision ResNet name works), frozen, run on the same image as the ViT. Its

@@ -1,8 +1,8 @@
 """Few-shot memory of normal features and its nearest-neighbour anomaly score.
 
-APRIL-GAN's few-shot track (methods.md 3.3) keeps the raw patch tokens of k normal images per class at
+APRIL-GAN's few-shot track (docs/methods.md §3.3) keeps the raw patch tokens of k normal images per class at
 chosen layers; a test token scores min over the memory of (1 - cos), each layer's token map is bilinearly
-upsampled (``align_corners=True``) and the layers are summed. WinCLIP+ (methods.md 2.2) uses the same
+upsampled (``align_corners=True``) and the layers are summed. WinCLIP+ (docs/methods.md §2.2) uses the same
 nearest neighbour on its own features, divided by 2, so both methods share :class:`MemoryBank`.
 
 The memory is pooled over positions and images: a test token is compared with every stored token of its
@@ -97,7 +97,7 @@ class MemoryBank:
                     f"got {tuple(value.shape)}"
                 )
         for name in dict.fromkeys(class_names):
-            rows = torch.tensor([c == name for c in class_names])
+            rows = torch.tensor([c == name for c in class_names], device=next(iter(features.values())).device)
             store = self._memory.setdefault(name, {})
             if store and set(store) != set(features):
                 raise ValueError(
@@ -105,8 +105,9 @@ class MemoryBank:
                     f"got {sorted(map(str, features))}"
                 )
             for key, value in features.items():
-                # Normalised once here so that scoring is one matmul per chunk.
-                new = F.normalize(value[rows].reshape(-1, value.shape[-1]).detach().float().cpu(), dim=-1)
+                # Normalised once here so that scoring is one matmul per chunk; kept on the features' device
+                # (the backbone's), where the nearest-neighbour search runs.
+                new = F.normalize(value[rows].reshape(-1, value.shape[-1]).detach().float(), dim=-1)
                 store[key] = torch.cat([store[key], new]) if key in store else new
 
     def check_fitted(self, class_names: Iterable[str]) -> None:
@@ -126,13 +127,13 @@ class MemoryBank:
         self.check_fitted(class_names)
         out: dict[Hashable, torch.Tensor] = {}
         for key, value in features.items():
-            result = torch.empty(value.shape[:2], dtype=torch.float32)
+            result = torch.empty(value.shape[:2], dtype=torch.float32, device=value.device)
             for name in dict.fromkeys(class_names):
-                rows = torch.tensor([c == name for c in class_names])
+                rows = torch.tensor([c == name for c in class_names], device=value.device)
                 if key not in self._memory[name]:
                     raise FewShotError(f"class {name!r} has no memory under key {key!r}")
-                bank = self._memory[name][key]
-                result[rows] = nearest_cosine_distance(value[rows].cpu(), bank, self.chunk_size)
+                bank = self._memory[name][key].to(value.device)
+                result[rows] = nearest_cosine_distance(value[rows], bank, self.chunk_size)
             out[key] = result
         return out
 
@@ -150,7 +151,8 @@ def patch_tokens(features: ImageFeatures, layers: Sequence[int]) -> dict[int, to
 def upsample_sum(maps: Mapping[Hashable, torch.Tensor], grid: tuple[int, int], size: int) -> torch.Tensor:
     """Sum over keys of token maps (B, h*w) bilinearly upsampled to (B, size, size), ``align_corners=True``.
 
-    APRIL-GAN upsamples each layer's distance map before summing (methods.md 3.3); range [0, 2 x layers].
+    APRIL-GAN upsamples each layer's distance map before summing (docs/methods.md §3.3); range [0, 2 x
+    layers].
     """
     total = None
     for value in maps.values():
@@ -162,7 +164,7 @@ def upsample_sum(maps: Mapping[Hashable, torch.Tensor], grid: tuple[int, int], s
 
 
 class PatchMemory:
-    """APRIL-GAN's few-shot memory (methods.md 3.3): raw patch tokens of normal images at chosen layers.
+    """APRIL-GAN's few-shot memory (docs/methods.md §3.3): raw patch tokens of normal images at chosen layers.
 
     Usage inside a detector: request ``layers`` from ``backbone.encode_image``; ``fit(features, class_names)``
     with the features of k normal images per class; ``anomaly_map(features, class_names, size)`` returns the

@@ -1,10 +1,10 @@
 """MFP-CLIP: Yuan, Jie, Zhang, Li, Gao, *Exploring the Efficacy of Multi-Form Prompts for Zero-Shot
-Industrial Anomaly Detection*, arXiv 2503.12910 (2025) (methods.md section 7; the source write-up's sections
+Industrial Anomaly Detection*, arXiv 2503.12910 (2025) (docs/methods.md §7; the source write-up's sections
 3.2-3.6 and 4.1).
 
 **No public code exists.** Everything below the paper's stated design is our choice and is marked "ours".
 
-Stated by the paper (write-up sections 3-4; methods.md 7):
+Stated by the paper (write-up sections 3-4; docs/methods.md §7):
 
 1. Frozen OpenAI ViT-L-14-336 at 518 px; patch embeddings after blocks 6, 12, 18, 24 (four stages).
 2. **SP (self prompt, 3.4):** a CNN's local features of the same image, K = 5 linear adapters -> a 5 x D
@@ -31,8 +31,8 @@ Our choices where the write-up is silent (each switchable or an option, all reco
   (the backbone's ``visual_prompts`` hook, AdaCLIP semantics). The prompt tokens never reach an output.
 - **Heads (ours, APRIL-GAN-like):** raw residual tokens of each tapped layer (CLS dropped) ->
   ``Linear(width -> embed_dim)``; logits 100 x cos(token, t), upsampled (bilinear, ``align_corners=True``),
-  then softmax over {normal, abnormal} (heads.py, pitfall 3). The final map is the **mean** over layers of
-  the abnormal probability; no Gaussian smoothing.
+  then softmax over {normal, abnormal} (heads.py, docs/methods.md pitfall 3). The final map is the **mean**
+  over layers of the abnormal probability; no Gaussian smoothing.
 - **MPFA (ours in detail):** ``avg_pool2d`` with an N x N window, stride 1, zero padding of N // 2 not
   counted (``count_include_pad=False``), so border patches average their existing neighbours and the grid
   keeps its size; N must be odd. N = 1 is the identity, i.e. the same model as ``mpfa=False``.
@@ -40,8 +40,8 @@ Our choices where the write-up is silent (each switchable or an option, all reco
   concatenated) -> one ``Linear`` -> ``i2tp_tokens`` (4) text-width vectors that replace the placeholders of
   "X X X X flawless {class}." and "X X X X damaged {class}." (positions 1..4 after SOT), one pair per image,
   through the frozen text tower. Each state's text vector is normalise(t_template + normalise(t_i2tp)),
-  t_template being the hand-written ensemble (APRIL-GAN's 7/5 states x 35 templates, methods.md 1.2) that
-  is *all* the text when I2TP is off ("without I2TP the text embeddings come from the templates only",
+  t_template being the hand-written ensemble (APRIL-GAN's 7/5 states x 35 templates, docs/methods.md §1.2)
+  that is *all* the text when I2TP is off ("without I2TP the text embeddings come from the templates only",
   write-up 4.3).
 - **MP (ours):** a SAM-style dense mask prompt. The coarse map (mean over layers of the abnormal probability
   on the token grid) -> per layer ``Conv2d(1 -> embed_dim, 3 x 3)`` (zero-initialised, so MP starts as the
@@ -70,8 +70,7 @@ from torch import nn
 
 from zsad.backbone import CLIPBackbone
 from zsad.losses import binary_cross_entropy, layer_losses
-from zsad.methods.aprilgan import quarter_layers
-from zsad.methods.base import TrainableDetector, check_layers, check_precision
+from zsad.methods.base import ViTL14Trainable, check_layers, check_precision, paper_schedule, quarter_layers
 from zsad.methods.heads import LOGIT_SCALE, LinearHeads, token_logits, upsampled_probs
 from zsad.methods.local_cnn import LEVELS, LocalCNN, load_local_cnn
 from zsad.prompts import class_phrase, text_features
@@ -151,7 +150,7 @@ class MFPLearned(nn.Module):
         return self.i2tp(torch.cat(list(levels), dim=-1)).view(-1, *self.i2tp_shape)
 
 
-class MFPCLIP(TrainableDetector):
+class MFPCLIP(ViTL14Trainable):
     """MFP-CLIP on a frozen CLIP; see the module docstring for what is the paper's and what is ours.
 
     Options:
@@ -164,26 +163,21 @@ class MFPCLIP(TrainableDetector):
         mp_coarse_loss: also supervise the coarse maps when MP is on (ours: True).
         cnn, cnn_weights, cnn_seed: the SP / I2TP CNN (ours: "resnet18"; weights None = "IMAGENET1K_V1" on
             real CLIP weights, "random" on zsad-tiny and random CLIPs; seed of a random CNN).
-        bank, replace_underscores: the hand-written prompt ensemble (APRIL-GAN's, methods.md 1.2).
+        bank, replace_underscores: the hand-written prompt ensemble (APRIL-GAN's, docs/methods.md §1.2).
         precision: "fp32" (default) or "bf16" (autocast of the image tower).
     """
 
     method_id: ClassVar[str] = "mfpclip"
     paper: ClassVar[str] = "Yuan, Jie, Zhang, Li, Gao, MFP-CLIP, arXiv 2503.12910"
-    default_backbone: ClassVar[str] = "ViT-L-14-336"
-    default_weights: ClassVar[str | None] = "openai"
-    default_image_size: ClassVar[int] = 518
-    train_settings: ClassVar[dict[str, Any]] = {
-        "epochs": 100,
-        "batch_size": 1,
-        "lr": 1e-3,
-        "optimizer": "adam",
-        "betas": (0.9, 0.999),  # "Adam" with no betas given: PyTorch's defaults (ours)
-        "lr_decay": "inverse-epoch",
-        "mosaic": 0.0,
-        "shuffle": True,
-        "seed": 111,  # ours (no seed given); the siblings' value
-    }
+    # The paper gives no seed: the siblings' 111 of paper_schedule (ours).
+    train_settings: ClassVar[dict[str, Any]] = paper_schedule(
+        epochs=100,
+        batch_size=1,
+        lr=1e-3,
+        optimizer="adam",
+        betas=(0.9, 0.999),  # "Adam" with no betas given: PyTorch's defaults (ours)
+        lr_decay="inverse-epoch",
+    )
     inference_options: ClassVar[tuple[str, ...]] = ("precision",)
 
     def __init__(
@@ -252,7 +246,7 @@ class MFPCLIP(TrainableDetector):
             len(self.sp_blocks),
             int(i2tp_tokens) if i2tp else 0,
             bool(mp),
-        )
+        ).to(backbone.device)  # initialised on the CPU's RNG, so every device starts from the same values
         self._text: dict[str, torch.Tensor] = {}
         self._ids: dict[str, torch.Tensor] = {}
 
@@ -298,16 +292,9 @@ class MFPCLIP(TrainableDetector):
     # ------------------------------------------------------------------------------------------ features
     def feature_key(self) -> dict[str, Any]:
         cnn = None if self.cnn is None else f"{self.cnn.name}:{self.cnn.weights_id}"
-        return {
-            "backbone": self.backbone.name,
-            "weights": self.backbone.weights_id,
-            "size": self.image_size,
-            "layers": list(self.layers),
-            # SP on: the ViT must run with the prompt at every step, so only the image and the CNN are cached.
-            "kind": "mfpclip-image+cnn" if self.options["sp"] else "mfpclip-raw-tokens+pooled",
-            "cnn": cnn,
-            "precision": self.options["precision"],
-        }
+        # SP on: the ViT must run with the prompt at every step, so only the image and the CNN are cached.
+        kind = "mfpclip-image+cnn" if self.options["sp"] else "mfpclip-raw-tokens+pooled"
+        return self.frozen_feature_key(kind, layers=list(self.layers), cnn=cnn)
 
     @torch.no_grad()
     def extract_features(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -320,7 +307,7 @@ class MFPCLIP(TrainableDetector):
         if self.options["sp"]:
             out["image"] = images.float()
         else:
-            feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.bf16)
+            feats = self.backbone.encode_image(images, layers=self.layers, autocast=self.autocast)
             out["pooled"] = feats.pooled
             out.update({f"tokens_{layer}": feats.tokens[layer] for layer in self.layers})
         return out
@@ -338,7 +325,7 @@ class MFPCLIP(TrainableDetector):
             return tokens, features["pooled"].float()
         prompts = self.learned.visual_prompts(self.cnn_levels(features), self.sp_blocks)
         feats = self.backbone.encode_image(
-            features["image"], layers=self.layers, autocast=self.bf16, visual_prompts=prompts
+            features["image"], layers=self.layers, autocast=self.autocast, visual_prompts=prompts
         )
         return [feats.tokens[layer][:, 1:] for layer in self.layers], feats.pooled
 

@@ -1,9 +1,9 @@
 """Detectors that behave like the official code, quirks included, and read the released checkpoints.
 
 ``create(...)`` builds every method with clean defaults (fresh tensors, single-image scores, one resize
-rule). :func:`from_official` instead sets every documented quirk of the official repository (methods.md 13,
-pitfalls 1-22) through the methods' *named* options, so that with identical weights and inputs its maps and
-scores equal the official code's. Where the two differ and why:
+rule). :func:`from_official` instead sets every documented quirk of the official repository
+(docs/methods.md §13, §10) through the methods' *named* options, so that with identical weights and inputs its
+maps and scores equal the official code's. Where the two differ and why:
 
 =================  ===========================================================================================
 method             official settings (clean default in brackets)
@@ -34,8 +34,10 @@ adaclip            ViT-L-14-336 ``openai`` at 518 built **without QuickGELU** (e
                    Conv/Linear/attention/projection weights passed through fp16 as open_clip's OpenAI loader
                    does (a no-op on the real fp16 file); every prompt rounded through fp16 (``prompt_fp16``)
                    [fp32]; HSF k-means on one RandomState(111) shared by the images in order
-                   (``kmeans_rng="shared"``) [a fresh RandomState(111) per image]. Checkpoint: the file
-                   ``AdaCLIP_Trainer.save()`` writes, a flat dict of 38 ``clip_model.<part>...`` tensors
+                   (``kmeans_rng="shared"``) [a fresh RandomState(111) per image]; training dice per
+                   image row as ``train_one_batch`` at batch 1 (``dice="per-row"``) [per image].
+                   Checkpoint: the file ``AdaCLIP_Trainer.save()`` writes, a flat dict of 38
+                   ``clip_model.<part>...`` tensors
                    (text/visual ``static_prompts.<0..3>``, ``patch_token_layer.head.<0..3>``,
                    ``cls_token_layer.head.0``, ``dynamic_{visual,text}_prompt_generator.head.<0..4>``).
 winclip            No official code exists; anomalib's implementation stands in: ViT-B-16-plus-240
@@ -104,7 +106,13 @@ OFFICIAL["adaclip"] = {
     "weights": "openai",
     "image_size": 518,
     "load": {"interpolation": "bicubic", "antialias": False, "quick_gelu": False, "round_fp16": True},
-    "options": {"prompting": "hybrid", "hsf": "released", "prompt_fp16": True, "kmeans_rng": "shared"},
+    "options": {
+        "prompting": "hybrid",
+        "hsf": "released",
+        "prompt_fp16": True,
+        "kmeans_rng": "shared",
+        "dice": "per-row",
+    },
     "checkpoint_key": "clip_model.",
 }
 
@@ -140,6 +148,7 @@ def from_official(
     weights: str | os.PathLike | None = None,
     image_size: int | None = None,
     backbone: str | None = None,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> Detector:
     """A detector that reproduces the official code of ``method_id`` (see the module docstring).
@@ -148,10 +157,12 @@ def from_official(
         parts; must be None for training-free ones). weights: CLIP weights (default the paper's tag).
     backbone: another open_clip architecture with the official settings (default the paper's; e.g.
         "zsad-tiny" for the embedded world); image_size then defaults to its native size.
+    device: where it runs ("auto", "cpu", "cuda", "cuda:N"; None = the CPU); checked before weights load.
     options: further method options, applied over the official ones.
     """
     from zsad.backbone import load_clip
-    from zsad.methods import create
+    from zsad.device import prepare
+    from zsad.methods.registry import create
 
     key = method_id.lower()
     if key not in OFFICIAL:
@@ -164,8 +175,10 @@ def from_official(
         image_size = image_size or spec["image_size"]
     else:
         name = backbone
-    clip = load_clip(name, pretrained=weights, image_size=image_size, **spec["load"])
-    detector = create(key, backbone=clip, **{**spec["options"], **options})
+    merged = {**spec["options"], **options}
+    target = prepare("cpu" if device is None else device, merged.get("precision", "fp32"))
+    clip = load_clip(name, pretrained=weights, image_size=image_size, device=target, **spec["load"])
+    detector = create(key, backbone=clip, device=target, **merged)
     if spec["checkpoint_key"] is not None:
         if checkpoint is None:
             raise ValueError(

@@ -1,10 +1,10 @@
-"""WinCLIP (zero-shot) and WinCLIP+ (few-shot): Jeong et al., CVPR 2023 (methods.md 2).
+"""WinCLIP (zero-shot) and WinCLIP+ (few-shot): Jeong et al., CVPR 2023 (docs/methods.md §2).
 
 Training-free. Each image is described at three scales: the whole image (the CLS embedding) and every
 k x k window of patches (k = 2, 3; stride 1). A window embedding is made by *token masking*, not by cropping:
 keep the CLS token plus the k*k patch tokens of the window, run the whole transformer on that short
 sequence and take the projected CLS (``backbone.encode_windows``). Each embedding is scored against the
-class's compositional prompt ensemble (CPE, methods.md 1.2) with
+class's compositional prompt ensemble (CPE, docs/methods.md §1.2) with
 
     ascore(f) = softmax([cos(f, t_n), cos(f, t_a)] / tau)[abnormal],   tau = 0.07.
 
@@ -41,7 +41,7 @@ PATCH_FEATURES = ("ln_post", "raw", "proj")
 def window_indices(grid: tuple[int, int], size: int, stride: int = 1) -> torch.Tensor:
     """Patch indices (row-major, 0..h*w-1) of every size x size window: (K, size*size), windows row-major.
 
-    On a 15x15 grid: 196 windows of 2x2 and 169 of 3x3 (methods.md 2.1).
+    On a 15x15 grid: 196 windows of 2x2 and 169 of 3x3 (docs/methods.md §2.1).
     """
     h, w = grid
     if not 1 <= size <= min(h, w):
@@ -111,15 +111,15 @@ def last_patch_features(
 
 # ------------------------------------------------------------------------------------------ detectors
 class WinCLIP(Detector):
-    """WinCLIP zero-shot (methods.md 2). Options (defaults follow the paper):
+    """WinCLIP zero-shot (docs/methods.md §2). Options (defaults follow the paper):
 
     - ``scales`` window sizes in patches, default (2, 3);
     - ``temperature`` tau of the two-way softmax, 0.07 (caoyunkang uses 0.01, i.e. logit scale 100);
-    - ``prompt_bank`` "winclip" (paper, 22 templates) or "winclip-anomalib" (21, methods.md 1.2);
+    - ``prompt_bank`` "winclip" (paper, 22 templates) or "winclip-anomalib" (21, docs/methods.md §1.2);
     - ``normalize_sentences`` True = normalise each sentence embedding before the mean (paper);
-      False = average raw embeddings (anomalib, pitfall 11);
+      False = average raw embeddings (anomalib, docs/methods.md pitfall 11);
     - ``aggregation`` "harmonic" (paper, anomalib, zqhang) or "caoyunkang": 1 - harmonic mean over scales of
-      the per-scale harmonic mean of the *normal* probability (caoyunkang/WinClip, methods.md 2.2);
+      the per-scale harmonic mean of the *normal* probability (caoyunkang/WinClip, docs/methods.md §2.2);
     - ``replace_underscores`` use "metal nut" rather than the meta.json key "metal_nut" in prompts;
     - ``precision`` "fp32" (default) or "bf16" (autocast of the image tower and window passes).
     """
@@ -212,10 +212,10 @@ class WinCLIP(Detector):
         ``patch_kind`` is given, the last block's patch features ("patch", (B, P, C)) for WinCLIP+."""
         last = self.backbone.num_layers
         layers = (last,) if patch_kind else ()
-        features = self.backbone.encode_image(images, layers=layers, autocast=self.bf16)
+        features = self.backbone.encode_image(images, layers=layers, autocast=self.autocast)
         out = {"image": features.pooled}
         for s in self.scales:
-            out[f"window_{s}"] = self.backbone.encode_windows(images, self.windows[s], autocast=self.bf16)
+            out[f"window_{s}"] = self.backbone.encode_windows(images, self.windows[s], autocast=self.autocast)
         if patch_kind:
             out["patch"] = last_patch_features(self.backbone, features, last, patch_kind)
         # Scoring runs on the CPU (the incidence matrices and the memory live there): a few MB per batch.
@@ -229,7 +229,7 @@ class WinCLIP(Detector):
         text = self._text_batch(class_names)
         b, (h, w) = encoded["image"].shape[0], self.grid
         image_probs = state_probabilities(encoded["image"].unsqueeze(1), text, self.temperature)[:, 0]
-        # "caoyunkang" aggregates the normal probability and flips at the end (methods.md 2.2).
+        # "caoyunkang" aggregates the normal probability and flips at the end (docs/methods.md §2.2).
         channel = 1 if self.aggregation == "harmonic" else 0
         per_scale = {"image": image_probs[:, channel, None].expand(b, h * w)}
         for s in self.scales:
@@ -298,7 +298,8 @@ class WinCLIP(Detector):
 
 
 class WinCLIPPlus(WinCLIP):
-    """WinCLIP+ (few-shot, methods.md 2.2): WinCLIP plus a reference memory of k normal images per class.
+    """WinCLIP+ (few-shot, docs/methods.md §2.2): WinCLIP plus a reference memory of k normal images per
+    class.
 
     Extra option ``patch_features`` chooses the patch-level memory features of the last block:
     "ln_post" (default; open_clip's output tokens, ``ln_post`` without ``proj``, as anomalib),

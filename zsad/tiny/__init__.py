@@ -17,6 +17,10 @@ WEIGHTS_FILE = TINY_DIR / "zsad-tiny.safetensors"
 CARD_FILE = TINY_DIR / "zsad-tiny.json"
 CONFIG_DIR = TINY_DIR / "model_configs"
 
+# SynthAD categories the trainer holds out by default (TrainConfig.heldout): defined here, below the
+# trainer, so that the backbone can read this package without importing the trainer.
+DEFAULT_HELDOUT: tuple[str, ...] = ("wood", "pill")
+
 
 def load_card() -> dict[str, Any] | None:
     """The model card written by ``python -m zsad.tiny train`` / ``measure``; None before first training."""
@@ -24,10 +28,10 @@ def load_card() -> dict[str, Any] | None:
 
 
 # The embedded world's auxiliary training sets (the papers train on another dataset's test split,
-# methods.md 1.3): SynthAD's *seen* categories only, drawn with their own seed, so the held-out categories
-# that every notebook evaluates on never reach a trained method. "quick" (624 images) is what the notebooks
-# and most tests train on; "paper-size" (2,496 images) is the size of the papers' auxiliary sets (VisA test
-# 2,162, MVTec AD test 1,725 images), for the runs that need it (AnomalyCLIP's 15-epoch schedule).
+# docs/methods.md §1.3): SynthAD's *seen* categories only, drawn with their own seed, so the held-out
+# categories that every notebook evaluates on never reach a trained method. "quick" (624 images) is what the
+# notebooks and most tests train on; "paper-size" (2,496 images) is the size of the papers' auxiliary sets
+# (VisA test 2,162, MVTec AD test 1,725 images), for the runs that need it (AnomalyCLIP's 15-epoch schedule).
 AUX_SETS: dict[str, dict[str, int]] = {
     "quick": {"seed": 2, "n_train": 2, "n_test_good": 12, "n_test_per_defect": 6},
     "paper-size": {"seed": 2, "n_train": 2, "n_test_good": 48, "n_test_per_defect": 24},
@@ -39,14 +43,13 @@ MEASURE_SET: dict[str, int] = {"seed": 1, "n_train": 4, "n_test_good": 40, "n_te
 
 
 def seen_categories() -> list[str]:
-    """SynthAD categories zsad-tiny was trained on (from its card; the trainer default before training)."""
+    """SynthAD categories zsad-tiny was trained on (its card; before training, all but DEFAULT_HELDOUT)."""
     card = load_card()
     if card is not None:
         return list(card["seen_categories"])
     from zsad.data.synth import CATEGORIES
-    from zsad.tiny.train import TrainConfig
 
-    return [c for c in CATEGORIES if c not in TrainConfig().heldout]
+    return [c for c in CATEGORIES if c not in DEFAULT_HELDOUT]
 
 
 def heldout_categories() -> list[str]:
@@ -54,9 +57,7 @@ def heldout_categories() -> list[str]:
     card = load_card()
     if card is not None:
         return list(card["heldout_categories"])
-    from zsad.tiny.train import TrainConfig
-
-    return list(TrainConfig().heldout)
+    return list(DEFAULT_HELDOUT)
 
 
 def embedded_aux_root(root: str | Path | None = None, scale: str = "quick") -> Path:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from zsad.tiny import CARD_FILE, CONFIG_DIR, TINY_DIR, WEIGHTS_FILE
+from zsad.tiny import CARD_FILE, CONFIG_DIR, DEFAULT_HELDOUT, TINY_DIR, WEIGHTS_FILE
 
 # glibc keeps freed autograd buffers in per-thread arenas and RSS grows by ~40 MB/step on long CPU runs
 # (prototype lesson); these settings must be in the environment before the process starts.
@@ -46,7 +46,7 @@ class TrainConfig:
     warmup_steps: int = 50
     images_per_category: int = 1200
     render_size: int = 224
-    heldout: tuple[str, ...] = ("wood", "pill")
+    heldout: tuple[str, ...] = DEFAULT_HELDOUT
     p_defect: float = 0.5
     p_specific: float = 0.6
     aux_weight: float = 1.0
