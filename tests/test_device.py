@@ -63,6 +63,8 @@ def test_resolver_without_cuda(no_cuda):
         ("train", ["--device", "cuda:1"], "available: cpu"),
         ("train", ["--precision", "fp16"], "fp16 needs a CUDA device"),
         ("predict", ["--device", "cuda"], "available: cpu"),
+        ("calibrate", ["--device", "cuda"], "available: cpu"),
+        ("calibrate", ["--precision", "fp16"], "fp16 needs a CUDA device"),
     ],
 )
 def test_cli_refuses_a_device_it_lacks_in_one_line_before_loading(
@@ -78,6 +80,7 @@ def test_cli_refuses_a_device_it_lacks_in_one_line_before_loading(
         "eval": ["--data", str(tmp_path / "absent")],
         "train": ["--aux", str(tmp_path / "absent"), "--out", str(tmp_path / "out")],
         "predict": [str(tmp_path / "x.png"), "--out", str(tmp_path / "out")],
+        "calibrate": ["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out")],
     }[command]
     assert main([command, *common, *where, *flags]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -221,6 +221,12 @@ def test_output_paths_are_checked_before_any_model_loads(synthad_root, tmp_path,
     notebook.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
     assert main(["report", str(notebook), "--out", str(a_file)]) == 2
     assert "is a file" in _one_error(capsys)
+    calibrate = ["calibrate", "--method", "clip", "--data", str(synthad_root), *TINY, "--normal-only"]
+    assert main([*calibrate, "--out", str(a_file)]) == 2
+    assert "is a file" in _one_error(capsys)
+    export = ["export", "--method", "clip", "--class-name", "wood", *TINY]
+    assert main([*export, "--out", str(a_file / "model.onnx")]) == 2
+    assert "is a file" in _one_error(capsys)
 
 
 def test_quoted_tilde_paths_expand(synthad_root, tmp_path, monkeypatch):

@@ -128,8 +128,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
 
 
-def _add_device_options(parser: argparse.ArgumentParser) -> None:
-    """Where a run executes (docs/gpu.md): device, precision and DataLoader workers."""
+def _add_device_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """Where a run executes (docs/gpu.md): device, precision and (where images are loaded in batches by a
+    DataLoader) its workers."""
     from zsad.device import default_workers
 
     parser.add_argument(
@@ -144,6 +145,8 @@ def _add_device_options(parser: argparse.ArgumentParser) -> None:
         help="fp32 (default, parity with the official code), bf16 autocast of the image tower, or fp16 "
         "(CUDA only)",
     )
+    if not workers:
+        return
     parser.add_argument(
         "--workers",
         type=_non_negative,
@@ -191,6 +194,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     cal.add_argument("--seed", type=int, default=0, help="seed for drawing the few-shot references")
     cal.add_argument("--batch-size", type=_positive, default=8)
+    _add_device_options(cal, workers=False)
     cal.add_argument(
         "--official", type=Path, default=None, help="a released checkpoint file, read by from_official"
     )
@@ -585,9 +589,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 def _run_export(args: argparse.Namespace) -> int:
     """``zsad export``: build the detector as predict does (references for few-shot methods), export it."""
     from zsad.export import check_exportable, export_onnx
+    from zsad.outputs import writable_dir
     from zsad.predict import give_references, load_detector
     from zsad.report import parse_value
 
+    args.out = writable_dir(args.out.expanduser().parent, "--out") / args.out.name  # before any weights load
     options = {name: parse_value(value) for name, value in args.option}
     detector = load_detector(
         args.method, args.backbone, args.weights, args.image_size, args.checkpoint, args.official, **options
@@ -624,10 +630,21 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     from zsad.thresholds import calibrate, check_quantile
 
     check_quantile(args.quantile)
+    device = _run_device(args)
+    args.data = _dataset_folder(args.data, "--data")
+    _check_outputs(args, cache=False)
     rule = "normal-quantile" if args.normal_only else "f1-max"
     split = args.split or ("train" if args.normal_only else "test")
+    options = {"precision": args.precision} if args.precision else {}
     detector = load_detector(
-        args.method, args.backbone, args.weights, args.image_size, args.checkpoint, args.official
+        args.method,
+        args.backbone,
+        args.weights,
+        args.image_size,
+        args.checkpoint,
+        args.official,
+        device=device,
+        **options,
     )
     classes = args.classes
     data = load_dataset(
