@@ -36,10 +36,11 @@ demo: install
 # variable a notebook runs its teaching defaults). Each notebook ends with an assertion on its headline result on
 # the embedded world, and the test fails on any stderr block or progress-bar output in the executed notebook.
 # No stored output is compared: the notebooks are committed without outputs (their numbers vary with threads,
-# BLAS and library versions). -rs prints each skip's reason (e.g. notebook 10 without its dataset).
+# BLAS and library versions). -rs prints each skip's reason (e.g. notebook 10 without its dataset);
+# --durations=25 keeps the cost of the slowest cases in every CI log.
 test: install
 	$(PY) -m ruff check zsad tests benchmarks
-	$(PY) -m pytest tests -q -rs
+	$(PY) -m pytest tests -q -rs --durations=25
 
 test-all: install
 	$(PY) -m pytest tests -q -rs -m "slow or not slow"
