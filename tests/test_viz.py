@@ -31,7 +31,7 @@ def test_roc_curves_skip_single_label_classes():
         }
     )
     ax = viz.roc_curves(scores).axes[0]
-    assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")] == ["a (1.00)"]
+    assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")] == ["a (AUROC 100.0)"]
 
 
 def test_per_class_bars_one_bar_per_class_and_run():
