@@ -524,13 +524,8 @@ def test_trained_adaclip_localises_held_out_defects(embedded):
     ours = evaluate(detector, heldout, progress=False).table.loc["mean"]
     assert ours["pixel_auroc"] > clip["pixel_auroc"] + 0.15
     assert ours["image_auroc"] > 0.6
-    # mis-wired variants fall below the floor: swapped normal/abnormal (negated patch heads) and untrained
-    with torch.no_grad():
-        for fc in detector.learned.patch_token_layer.head:
-            fc.weight.neg_()
-            fc.bias.neg_()
-    swapped = evaluate(detector, heldout, progress=False).table.loc["mean"]
-    assert swapped["pixel_auroc"] < clip["pixel_auroc"] + 0.15
+    # break "trained parts never loaded" falls below the floor (negated heads are no control: their map is the
+    # complement, 1 - AUROC, which passes whenever the assertion above does)
     torch.manual_seed(0)
     untrained = evaluate(methods.create("adaclip", backbone=detector.backbone), heldout, progress=False)
     assert untrained.table.loc["mean", "pixel_auroc"] < clip["pixel_auroc"] + 0.15

@@ -336,7 +336,7 @@ def test_trainer_round_trip_with_inverse_epoch_decay(synthad_root, tmp_path):
 @pytest.mark.slow
 def test_embedded_world_localises_unseen_categories(tmp_path, synthad_root, heldout_classes, tiny_trained):
     """Trained on the embedded aux set (seen categories), evaluated on the held-out ones: clearly above the
-    untrained CLIP baseline (~0.48); swapped heads (the complement map) and untrained parts stay far below."""
+    untrained CLIP baseline (~0.48); untrained parts stay far below."""
     from zsad.data import load_dataset
     from zsad.evaluate import evaluate
     from zsad.tiny import embedded_aux_root
@@ -349,12 +349,8 @@ def test_embedded_world_localises_unseen_categories(tmp_path, synthad_root, held
     det = load_checkpoint(out)
     ours = evaluate(det, heldout, progress=False).table.loc["mean"]
     assert ours["pixel_auroc"] > clip["pixel_auroc"] + 0.1
-    with torch.no_grad():  # negated heads: the abnormal and normal directions swap
-        for fc in det.learned.heads.fc:
-            fc.weight.neg_()
-            fc.bias.neg_()
-    swapped = evaluate(det, heldout, progress=False).table.loc["mean"]
-    assert swapped["pixel_auroc"] < clip["pixel_auroc"] + 0.05
+    # break "trained parts never loaded" (negated heads are no control: their complement map passes whenever
+    # the assertion above does)
     torch.manual_seed(0)
     untrained = evaluate(methods.create("mfpclip", backbone=det.backbone), heldout, progress=False)
     assert untrained.table.loc["mean", "pixel_auroc"] < ours["pixel_auroc"] - 0.1
