@@ -496,18 +496,9 @@ def _run_eval(args: argparse.Namespace) -> int:
     thresholds = resolve_thresholds(args.thresholds, args.checkpoint)  # a bad file fails before any load
     options = {"precision": args.precision} if args.precision else {}
     if args.official is not None:
-        from zsad.predict import load_detector
+        from zsad.predict import detector_from_args
 
-        detector = load_detector(
-            args.method,
-            args.backbone,
-            args.weights,
-            args.image_size,
-            args.checkpoint,
-            args.official,
-            device=device,
-            **options,
-        )
+        detector = detector_from_args(args, device)
     elif args.checkpoint is not None:
         from zsad.train import load_checkpoint
 
@@ -590,14 +581,12 @@ def _run_export(args: argparse.Namespace) -> int:
     """``zsad export``: build the detector as predict does (references for few-shot methods), export it."""
     from zsad.export import check_exportable, export_onnx
     from zsad.outputs import writable_dir
-    from zsad.predict import give_references, load_detector
+    from zsad.predict import detector_from_args, give_references
     from zsad.report import parse_value
 
     args.out = writable_dir(args.out.expanduser().parent, "--out") / args.out.name  # before any weights load
     options = {name: parse_value(value) for name, value in args.option}
-    detector = load_detector(
-        args.method, args.backbone, args.weights, args.image_size, args.checkpoint, args.official, **options
-    )
+    detector = detector_from_args(args, **options)
     check_exportable(detector)
     give_references(detector, args.reference, args.class_name)
     path = export_onnx(detector, args.class_name, args.out)
@@ -626,7 +615,7 @@ def _warn_if_calibrated_on(thresholds, data: Path, split: str) -> None:
 def _run_calibrate(args: argparse.Namespace) -> int:
     from zsad.data import load_dataset
     from zsad.evaluate import fit_few_shot
-    from zsad.predict import load_detector
+    from zsad.predict import detector_from_args
     from zsad.thresholds import calibrate, check_quantile
 
     check_quantile(args.quantile)
@@ -635,17 +624,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     _check_outputs(args, cache=False)
     rule = "normal-quantile" if args.normal_only else "f1-max"
     split = args.split or ("train" if args.normal_only else "test")
-    options = {"precision": args.precision} if args.precision else {}
-    detector = load_detector(
-        args.method,
-        args.backbone,
-        args.weights,
-        args.image_size,
-        args.checkpoint,
-        args.official,
-        device=device,
-        **options,
-    )
+    detector = detector_from_args(args, device)
     classes = args.classes
     data = load_dataset(
         args.data, split=split, image_size=detector.image_size, classes=classes, meta=args.meta

@@ -299,12 +299,31 @@ def give_references(detector: Detector, references: Sequence[str | Path] | None,
         )
 
 
+def detector_from_args(
+    args: argparse.Namespace, device: torch.device | None = None, **options: Any
+) -> Detector:
+    """:func:`load_detector` from the CLI's ``--method``, ``--backbone``, ``--weights``, ``--image-size``,
+    ``--checkpoint``, ``--official`` and, where the command has it, ``--precision`` (eval, predict, calibrate
+    and export build their detectors alike)."""
+    if getattr(args, "precision", None):
+        options["precision"] = args.precision
+    return load_detector(
+        args.method,
+        args.backbone,
+        args.weights,
+        args.image_size,
+        args.checkpoint,
+        args.official,
+        device=device,
+        **options,
+    )
+
+
 def run_predict(args: argparse.Namespace) -> int:
     """``zsad predict``: 0 when every image was scored, 1 when some failed (each named on stderr)."""
     from zsad.device import prepare
 
     device = prepare(args.device, args.precision or "fp32")  # before any weights load
-    options = {"precision": args.precision} if args.precision else {}
     thresholds = resolve_thresholds(args.thresholds, args.checkpoint)  # a bad file fails before any load
     if args.onnx is not None:
         from zsad.export import OnnxDetector
@@ -323,16 +342,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
         if args.reference and not get_class(args.method).few_shot:  # before any weights load
             raise ValueError(f"{args.method} is zero-shot: it takes no --reference images")
-        detector = load_detector(
-            args.method,
-            args.backbone,
-            args.weights,
-            args.image_size,
-            args.checkpoint,
-            args.official,
-            device=device,
-            **options,
-        )
+        detector = detector_from_args(args, device)
         give_references(detector, args.reference, class_name)
     if thresholds is not None:
         thresholds.check_detector(detector.config(), thresholds.source)
