@@ -31,7 +31,8 @@ def test_roc_curves_skip_single_label_classes():
         }
     )
     ax = viz.roc_curves(scores).axes[0]
-    assert [line.get_label() for line in ax.lines if not line.get_label().startswith("_")] == ["a (AUROC 100.0)"]
+    labels = [line.get_label() for line in ax.lines if not line.get_label().startswith("_")]
+    assert labels == ["a (AUROC 100.0)"]
 
 
 def test_per_class_bars_one_bar_per_class_and_run():
