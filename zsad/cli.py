@@ -128,6 +128,19 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def _add_method_option_flag(parser: argparse.ArgumentParser, example: str) -> None:
+    """``-o NAME VALUE`` (repeatable): a method option, its value read as a JSON literal where it parses."""
+    parser.add_argument(
+        "-o",
+        "--option",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "VALUE"),
+        help=f"method option (JSON literals parsed), e.g. -o {example}",
+    )
+
+
 def _add_device_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
     """Where a run executes (docs/gpu.md): device, precision and (where images are loaded in batches by a
     DataLoader) its workers."""
@@ -213,15 +226,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--weights", default=None, help="open_clip pretrained tag or a local weights file")
     ex.add_argument("--image-size", type=_size, default=None)
     ex.add_argument("--reference", nargs="+", default=None, help="few-shot normal images (files or folders)")
-    ex.add_argument(
-        "-o",
-        "--option",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "VALUE"),
-        help="method option (JSON literals parsed), e.g. -o hsf off",
-    )
+    _add_method_option_flag(ex, example="hsf off")
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -269,15 +274,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="keep the cached frozen features on the device after their first read (when they fit)",
     )
-    tr.add_argument(
-        "-o",
-        "--option",
-        nargs=2,
-        action="append",
-        default=[],
-        metavar=("NAME", "VALUE"),
-        help="method option (JSON literals parsed), e.g. -o layers [6,12,18,24]",
-    )
+    _add_method_option_flag(tr, example="layers [6,12,18,24]")
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:
