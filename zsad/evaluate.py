@@ -107,12 +107,17 @@ def _detector_device(detector: Detector) -> torch.device:
 
 def _predict_batch(detector: Detector, batch: dict[str, Any], cache: FeatureCache | None):
     # Pinned batches (CUDA) copy while the previous batch still runs.
-    images = batch["image"].to(_detector_device(detector), non_blocking=True)
+    device = _detector_device(detector)
+    images = batch["image"].to(device, non_blocking=True)
     class_names = batch["cls_name"]
     if cache is None or not hasattr(detector, "extract_features"):
         return detector.predict(images, class_names)
     key = detector.feature_key()
-    cached = [cache.get(key, path) for path in batch["path"]]
+    # The disk cache holds CPU tensors; the features of a batch must all be where the detector runs.
+    cached = [
+        None if feats is None else {name: value.to(device) for name, value in feats.items()}
+        for feats in (cache.get(key, path) for path in batch["path"])
+    ]
     missing = [i for i, feats in enumerate(cached) if feats is None]
     if missing:
         fresh = detector.extract_features(images[missing])
