@@ -37,10 +37,10 @@ from torch.utils._pytree import tree_map
 EMULATED = torch.device("cuda", 0)
 _CLAIMED = torch.device("meta")  # what C++ sees; see the module docstring
 
-# CUDA accepts CPU tensors here: the source or destination of a copy, and index tensors.
-_MIXING_ALLOWED = {
-    torch.ops.aten.copy_.default,
-    torch.ops.aten._to_copy.default,
+# CUDA accepts a CPU tensor as the source or destination of a copy ...
+_COPIES = {torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default}
+# ... and CPU index tensors into a device tensor (not device indices into a CPU tensor).
+_INDEXING = {
     torch.ops.aten.index.Tensor,
     torch.ops.aten.index_put.default,
     torch.ops.aten.index_put_.default,
@@ -79,35 +79,30 @@ class DeviceTensor(torch.Tensor):
     def __repr__(self) -> str:
         return f"DeviceTensor({self.elem!r}, device='{EMULATED}')"
 
+    def __format__(self, spec: str) -> str:
+        # f"{loss:.3f}" of a one-element CUDA tensor formats its value; torch does so only for plain tensors.
+        return format(self.item(), spec) if self.dim() == 0 else super().__format__(spec)
+
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is torch.ops.aten._has_compatible_shallow_copy_type.default:
             # Module._apply asks before `param.data = moved`: a CPU tensor cannot take a device tensor's data.
             return type(args[0]) is type(args[1])
-        seen = {"device": False, "cpu": False}
+        _check_placement(func, args, kwargs)
         originals: dict[int, Any] = {}
 
         def unwrap(x: Any) -> Any:
             if isinstance(x, DeviceTensor):
-                seen["device"] = True
                 originals[id(x.elem)] = x
                 return x.elem
             if isinstance(x, torch.Tensor):
                 if x.device.type == _CLAIMED.type:
                     raise RuntimeError(f"emulated CUDA: a real meta tensor reached {func} (an emulator gap)")
                 originals[id(x)] = x
-                if x.dim() > 0:
-                    seen["cpu"] = True
             return x
 
-        plain_args, plain_kwargs = tree_map(unwrap, args), tree_map(unwrap, kwargs)
-        if seen["device"] and seen["cpu"] and func not in _MIXING_ALLOWED:
-            raise PlacementError(
-                f"Expected all tensors to be on the same device, but found at least two devices, "
-                f"{EMULATED} and cpu! (emulated CUDA, in {func})"
-            )
-        out = func(*plain_args, **plain_kwargs)
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         global operations_on_device
         operations_on_device += 1
         target = kwargs.get("device")
@@ -126,6 +121,26 @@ class DeviceTensor(torch.Tensor):
         ):
             _follow_in_place_metadata_change(func, result, args, kwargs)
         return result
+
+
+def _check_placement(func, args, kwargs) -> None:
+    """CUDA's rule: the tensors of one operation share a device, but for 0-d CPU tensors (scalars), the
+    CPU end of a copy, and CPU index tensors into a device tensor."""
+    if func in _COPIES:
+        return
+    if func in _INDEXING:
+        indexed, indices, rest = args[0], [i for i in args[1] if i is not None], list(args[2:])
+        placed = [indexed, *rest, *([] if isinstance(indexed, DeviceTensor) else indices)]
+    else:
+        placed = [x for x in (*args, *kwargs.values()) for x in (x if isinstance(x, list | tuple) else [x])]
+    tensors = [x for x in placed if isinstance(x, torch.Tensor)]
+    on_device = any(isinstance(x, DeviceTensor) for x in tensors)
+    on_cpu = any(not isinstance(x, DeviceTensor) and x.dim() > 0 for x in tensors)
+    if on_device and (on_cpu or (func in _INDEXING and not isinstance(args[0], DeviceTensor))):
+        raise PlacementError(
+            f"Expected all tensors to be on the same device, but found at least two devices, "
+            f"{EMULATED} and cpu! (emulated CUDA, in {func})"
+        )
 
 
 def _follow_in_place_metadata_change(func, wrapper: DeviceTensor, args, kwargs) -> None:

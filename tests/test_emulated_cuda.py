@@ -9,6 +9,7 @@ backbone must stop it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import emulated_cuda as emulator
@@ -20,7 +21,10 @@ from emulated_cuda import EMULATED, DeviceTensor, PlacementError, emulated_cuda
 
 from zsad import methods
 from zsad.backbone import CLIPBackbone
+from zsad.cache import FeatureCache
 from zsad.cli import main
+from zsad.data import load_dataset
+from zsad.evaluate import evaluate
 
 
 @pytest.fixture
@@ -37,6 +41,8 @@ def test_placement_follows_cuda_rules(cuda):
     assert on_device[torch.tensor([1])].device == EMULATED  # CPU index tensors are allowed, as on CUDA
     with pytest.raises(PlacementError, match="same device"):
         on_device + torch.ones(2, 3)
+    with pytest.raises(PlacementError, match="same device"):
+        torch.zeros(3)[torch.tensor([1], device="cuda")]  # a device index into a CPU tensor
     with pytest.raises(PlacementError, match="same device"):
         torch.nn.Linear(3, 1)(on_device)  # weights left on the CPU
     with pytest.raises(RuntimeError, match="numpy"):
@@ -84,6 +90,30 @@ def test_a_method_on_the_device_matches_the_cpu_and_a_planted_slip_is_caught(cud
     monkeypatch.setattr(CLIPBackbone, "_check_images", lambda self, images: images)
     with pytest.raises(PlacementError, match="same device"):
         detector.predict(images, ["nut", "wood"])
+
+
+@pytest.mark.parametrize("method", methods.available())
+def test_evaluation_from_a_feature_cache_on_the_device_equals_the_cpu(
+    method, synthad_root, tmp_path, monkeypatch
+):
+    """Features come back from the disk cache as CPU tensors and must be placed where the method expects
+    them (the backbone's device; WinCLIP's window scoring: the CPU)."""
+    tables = {}
+    for device in ("cpu", "cuda"):
+        with emulated_cuda(monkeypatch) if device == "cuda" else contextlib.nullcontext():
+            torch.manual_seed(0)
+            detector = methods.create(method, backbone="zsad-tiny", device=device)
+            if detector.few_shot:
+                good = load_dataset(synthad_root, "train", image_size=detector.image_size, classes=["wood"])
+                detector.fit_few_shot(torch.stack([good[i]["image"] for i in range(2)]), ["wood", "wood"])
+            data = load_dataset(synthad_root, "test", image_size=detector.image_size, classes=["wood"])
+            cache = FeatureCache(tmp_path / device)
+            run = dict(cache=cache, max_images_per_class=6, batch_size=4, progress=False)
+            fresh, cached = evaluate(detector, data, **run), evaluate(detector, data, **run)
+            assert cache.hits == 6, "the second pass must read every image's features from the cache"
+            pd.testing.assert_frame_equal(cached.scores, fresh.scores, atol=1e-6)
+            tables[device] = cached.scores
+    pd.testing.assert_frame_equal(tables["cuda"], tables["cpu"], atol=1e-5)
 
 
 def _pipeline(device: str, root, tmp_path, monkeypatch) -> dict[str, object]:

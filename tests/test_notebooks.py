@@ -1,6 +1,7 @@
-"""Every notebook, executed once at CI scale the way `zsad report` renders it, must run, reach its closing
-assertion (each notebook asserts its headline result on the embedded world) and leave a clean page: no stderr
-block, no tqdm output or warning. Plus the pieces that make that possible, checked on small inputs."""
+"""Every notebook, executed once at CI scale the way `zsad report` renders it, with ``device="cuda"`` on the
+emulated card of tests/emulated_cuda.py, must run, reach its closing assertion (each notebook asserts its
+headline result on the embedded world) and leave a clean page: no stderr block, no tqdm output or warning.
+Plus the pieces that make that possible, checked on small inputs."""
 
 from __future__ import annotations
 
@@ -100,18 +101,50 @@ def test_percent_table_shows_fractions_as_percent_and_keeps_published_points() -
         percent_table(table, points=["pixel_auroc"])
 
 
+KERNEL_STARTUP = """
+import sys
+from pathlib import Path
+
+sys.path.insert(0, {tests!r})
+import emulated_cuda
+
+emulated_cuda.activate()
+_record = Path({record!r})
+get_ipython().events.register(
+    "post_run_cell", lambda result: _record.write_text(str(emulated_cuda.operations_on_device))
+)
+"""
+
+
+def emulated_cuda_kernel(home: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Kernels started from now on run tests/emulated_cuda.py's ``cuda:0`` (an IPython startup file under
+    ``IPYTHONDIR``, which the papermill kernel inherits); returns the file where the kernel keeps its
+    count of operations run on that device, rewritten after every cell."""
+    record = home / "operations_on_device.txt"
+    startup = home / "ipython" / "profile_default" / "startup" / "00-emulated-cuda.py"
+    startup.parent.mkdir(parents=True)
+    startup.write_text(KERNEL_STARTUP.format(tests=str(Path(__file__).parent), record=str(record)))
+    monkeypatch.setenv("IPYTHONDIR", str(home / "ipython"))
+    return record
+
+
 @pytest.mark.notebook
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_renders_clean_at_ci_scale(
     path: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Rendered with ``device="cuda"`` on the emulated card: a backbone, detector, trainer or cached
+    feature the notebook leaves on the CPU, or a device tensor it hands to numpy, fails the render as it
+    would on a GPU (the numbers equal a CPU run's to ~1e-6, so every closing assertion still holds)."""
     monkeypatch.setenv(SCALE_VARIABLE, "ci")  # the papermill kernel inherits it
-    html = render_notebook(path, tmp_path / path.stem, progress=False)
+    record = emulated_cuda_kernel(tmp_path / "kernel", monkeypatch)
+    html = render_notebook(path, tmp_path / path.stem, {"device": "cuda"}, progress=False)
     executed = nbformat.read(html.with_suffix(".ipynb"), as_version=4)
     assert page_noise(executed) == []
     missing = [c for c in executed.cells if c.cell_type == "code" and "Data missing" in json.dumps(c.outputs)]
     if missing:
         pytest.skip(f"{path.name}: its dataset is absent, so it showed only the ingestion instructions")
+    assert int(record.read_text()) > 0, "the notebook ran nothing on its device"
 
 
 @pytest.mark.parametrize("mode", ["qk", "qq", "kk", "vv"])

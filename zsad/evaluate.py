@@ -113,9 +113,10 @@ def _predict_batch(detector: Detector, batch: dict[str, Any], cache: FeatureCach
     if cache is None or not hasattr(detector, "extract_features"):
         return detector.predict(images, class_names)
     key = detector.feature_key()
-    # The disk cache holds CPU tensors; the features of a batch must all be where the detector runs.
+    # The disk cache holds CPU tensors; a batch's features must all be where the detector expects them.
+    where = detector.features_device
     cached = [
-        None if feats is None else {name: value.to(device) for name, value in feats.items()}
+        None if feats is None else {name: value.to(where) for name, value in feats.items()}
         for feats in (cache.get(key, path) for path in batch["path"])
     ]
     missing = [i for i, feats in enumerate(cached) if feats is None]

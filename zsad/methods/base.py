@@ -99,6 +99,12 @@ class Detector:
         return self.backbone.image_size
 
     @property
+    def features_device(self) -> torch.device:
+        """Where ``extract_features`` leaves its features and ``predict_features`` expects them: the
+        backbone's device. Features read back from a disk cache (CPU tensors) are moved here."""
+        return self.backbone.device
+
+    @property
     def autocast(self) -> torch.dtype | None:
         """The autocast dtype of the image tower for the ``precision`` option (None = fp32, no autocast)."""
         return AUTOCAST_DTYPES[self.options.get("precision", "fp32")]

@@ -203,6 +203,11 @@ class WinCLIP(Detector):
             )
         return self._text_cache[key]
 
+    @property
+    def features_device(self) -> torch.device:
+        """The CPU: window scoring runs there (see :meth:`_encode`)."""
+        return torch.device("cpu")
+
     def _text_batch(self, class_names: Sequence[str]) -> torch.Tensor:
         return torch.stack([self.text_features(name) for name in class_names])
 
