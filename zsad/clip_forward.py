@@ -110,7 +110,6 @@ def attention(
     return outs
 
 
-
 def attention_weights(attn: nn.MultiheadAttention, x: Tensor, mode: str) -> Tensor:
     """The weights softmax(a bᵀ / sqrt(d_head)) that :func:`attention` applies to v for ``mode``, per head:
     (B, heads, L, L), rows summing to 1. For looking at the DPAM strategies (AnomalyCLIP's DPAM,
@@ -123,6 +122,7 @@ def attention_weights(attn: nn.MultiheadAttention, x: Tensor, mode: str) -> Tens
     qkv = qkv.view(batch, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
     a, b = _MODE_PAIRS[mode]
     return (qkv[a] @ qkv[b].transpose(-1, -2) * (width // heads) ** -0.5).softmax(dim=-1)
+
 
 def mlp_residual(block: ResidualAttentionBlock, x: Tensor) -> Tensor:
     return x + block.ls_2(block.mlp(block.ln_2(x)))
