@@ -2,14 +2,15 @@
 
 The project's machines have no accelerator, and one is lent only at times (docs/gpu.md). What goes wrong
 most often when code first meets a GPU is placement, not arithmetic: a tensor made on the CPU inside a
-forward pass and combined with one on the device, a ``.numpy()`` of a device tensor, a checkpoint that
-pickles device tensors, a DataLoader that pins memory. Inside :func:`emulated_cuda`:
+forward pass and combined with one on the device, features read back from a disk cache and never moved,
+a ``.numpy()`` of a device tensor, a checkpoint that pickles device tensors (``torch.load(...,
+weights_only=True)`` refuses the wrapper class). Inside :func:`emulated_cuda`:
 
 - ``zsad.device`` reports a ``cuda:0`` (so ``--device cuda`` resolves), and ``cuda`` in a ``device=``
   argument, ``.to(...)`` or ``.cuda()`` makes a :class:`DeviceTensor`: a CPU tensor in a wrapper whose
   ``.device`` reads ``cuda:0`` in Python.
-- Every operation on a DeviceTensor runs on the CPU (the same kernels, so results equal a CPU run) and
-  returns DeviceTensors, except a copy to the CPU.
+- Every operation on a DeviceTensor runs on the CPU (the same kernels, so results equal a CPU run up to
+  float rounding, ~1e-6 here) and returns DeviceTensors, except a copy to the CPU.
 - As on CUDA, an operation that mixes a DeviceTensor with a CPU tensor of one or more dimensions raises
   "Expected all tensors to be on the same device"; CPU scalars (0-d) and CPU index tensors are allowed;
   ``.numpy()`` of a DeviceTensor raises; pinning memory is a no-op.
