@@ -4,6 +4,8 @@ The CUDA cases themselves are in tests/test_gpu.py (marker ``gpu``)."""
 
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 import torch
@@ -143,6 +145,18 @@ def test_workers_do_not_change_evaluation_or_training(synthad_root, tiny_trained
     first, second = (load_file(str(out / "model.safetensors")) for out in (a, b))
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_calibrate_workers_give_the_thresholds_of_no_workers(synthad_root, tmp_path):
+    base = ["calibrate", "--method", "clip", "--backbone", "zsad-tiny", "--data", str(synthad_root)]
+    base += ["--classes", "carpet,wood", "--batch-size", "4"]
+    for workers in (0, 2):
+        assert main([*base, "--workers", str(workers), "--out", str(tmp_path / f"w{workers}")]) == 0
+    serial, parallel = (json.loads((tmp_path / f"w{n}" / "thresholds.json").read_text()) for n in (0, 2))
+    assert serial["classes"] == parallel["classes"] and serial["classes"]["wood"]["counts"]["anomalous"] > 0
+    with pytest.raises(SystemExit) as refused:  # argparse's own one-line usage error
+        main([*base, "--workers", "-1", "--out", str(tmp_path / "bad")])
+    assert refused.value.code == 2
 
 
 def test_checkpoint_holds_cpu_tensors_and_loads_with_a_map_location(synthad_root, tmp_path):

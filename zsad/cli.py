@@ -141,9 +141,9 @@ def _add_method_option_flag(parser: argparse.ArgumentParser, example: str) -> No
     )
 
 
-def _add_device_options(parser: argparse.ArgumentParser, workers: bool = True) -> None:
-    """Where a run executes (docs/gpu.md): device, precision and (where images are loaded in batches by a
-    DataLoader) its workers."""
+def _add_device_options(parser: argparse.ArgumentParser) -> None:
+    """Where a run executes (docs/gpu.md): device, precision and the DataLoader workers that load its
+    images."""
     from zsad.device import default_workers
 
     parser.add_argument(
@@ -158,8 +158,6 @@ def _add_device_options(parser: argparse.ArgumentParser, workers: bool = True) -
         help="fp32 (default, parity with the official code), bf16 autocast of the image tower, or fp16 "
         "(CUDA only)",
     )
-    if not workers:
-        return
     parser.add_argument(
         "--workers",
         type=_non_negative,
@@ -207,7 +205,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:
     )
     cal.add_argument("--seed", type=int, default=0, help="seed for drawing the few-shot references")
     cal.add_argument("--batch-size", type=_positive, default=8)
-    _add_device_options(cal, workers=False)
+    _add_device_options(cal)
     cal.add_argument(
         "--official", type=Path, default=None, help="a released checkpoint file, read by from_official"
     )
@@ -637,7 +635,13 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     elif getattr(detector, "memory", None) is not None:
         raise ValueError(f"{args.method} needs few-shot references: give --k-shot K")
     thresholds = calibrate(
-        detector, data, rule, args.quantile, batch_size=args.batch_size, exclude=references
+        detector,
+        data,
+        rule,
+        args.quantile,
+        batch_size=args.batch_size,
+        exclude=references,
+        workers=args.workers,
     )
     thresholds.data = {
         "root": str(Path(args.data).resolve()),

@@ -233,19 +233,24 @@ def collect(
     exclude: Iterable[str] = (),
     normal_only: bool = False,
     progress: bool = True,
+    workers: int = 0,
 ) -> dict[str, _Collected]:
     """Per class: labels, per-image scores, maps and masks of ``detector.predict`` (what ``zsad predict``
     returns: no transductive per-test-set step) for every item not in ``exclude`` (few-shot references),
-    normal items only with ``normal_only``."""
+    normal items only with ``normal_only``. ``workers``: DataLoader processes decoding the images (the
+    results do not depend on it)."""
+    from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0; got {workers}")
     skip = {str(p) for p in exclude}
     keep = [i for i, item in enumerate(dataset.items) if not (normal_only and int(item["anomaly"]))]
     out: dict[str, _Collected] = {}
-    batches = [keep[i : i + batch_size] for i in range(0, len(keep), batch_size)]
+    loader = DataLoader(Subset(dataset, keep), batch_size=batch_size, collate_fn=list, num_workers=workers)
     with torch.inference_mode():
-        for batch in tqdm(batches, desc="calibrate", disable=not progress):
-            items = [it for it in (dataset[i] for i in batch) if str(it["path"]) not in skip]
+        for batch in tqdm(loader, desc="calibrate", disable=not progress):
+            items = [it for it in batch if str(it["path"]) not in skip]
             if not items:
                 continue
             scores, maps = detector.predict(
@@ -335,6 +340,7 @@ def calibrate(
     batch_size: int = 8,
     exclude: Sequence[str] = (),
     progress: bool = True,
+    workers: int = 0,
 ) -> Thresholds:
     """Thresholds of ``detector`` on ``dataset`` (normal items only for ``normal-quantile``)."""
     collected = collect(
@@ -344,6 +350,7 @@ def calibrate(
         exclude=exclude,
         normal_only=rule == "normal-quantile",
         progress=progress,
+        workers=workers,
     )
     thresholds = calibrate_collected(collected, rule, quantile)
     config = detector.config() if hasattr(detector, "config") else {}
