@@ -5,7 +5,7 @@ machine does not have is a :class:`DeviceError` naming the ones it has, raised b
 ``check_precision_on(precision, device)`` refuses fp16 off CUDA (CPU fp16 matmuls are slow and not what
 any paper ran). ``prepare(device, precision)`` switches TF32 off for fp32 runs on CUDA so that CUDA fp32
 stays comparable with the CPU (and with the official fp32 numbers). ``default_workers()`` is the CLI's
-DataLoader worker count.
+DataLoader worker count, ``check_workers`` the one check of a count.
 """
 
 from __future__ import annotations
@@ -69,6 +69,13 @@ def prepare(device: str | torch.device | None, precision: str = "fp32") -> torch
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     return resolved
+
+
+def check_workers(workers: int) -> int:
+    """``workers`` if it is a DataLoader worker count (0 = load in the main process)."""
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0; got {workers}")
+    return workers
 
 
 def default_workers() -> int:

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from zsad import metrics
 from zsad.cache import FeatureCache
+from zsad.device import check_workers
 from zsad.methods.base import Detector
 
 MISSING_MASKS = ("exclude", "zero-fill")
@@ -107,8 +108,7 @@ def _detector_device(detector: Detector) -> torch.device:
 
 def _predict_batch(detector: Detector, batch: dict[str, Any], cache: FeatureCache | None):
     # Pinned batches (CUDA) copy while the previous batch still runs.
-    device = _detector_device(detector)
-    images = batch["image"].to(device, non_blocking=True)
+    images = batch["image"].to(_detector_device(detector), non_blocking=True)
     class_names = batch["cls_name"]
     if cache is None or not hasattr(detector, "extract_features"):
         return detector.predict(images, class_names)
@@ -167,8 +167,7 @@ def evaluate(
     records = getattr(dataset, "items", None) or [{}] * len(dataset)
     unmasked = iter([int(r.get("anomaly", 0)) == 1 and r.get("mask_path") == "" for r in records])
     feature_cache = FeatureCache() if cache is True else (cache or None)
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0; got {workers}")
+    check_workers(workers)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from zsad.device import check_workers
+
 FORMAT = "zsad-thresholds"
 RULES = ("normal-quantile", "f1-max")
 GLOBAL = "global"
@@ -242,8 +244,7 @@ def collect(
     from torch.utils.data import DataLoader, Subset
     from tqdm.auto import tqdm
 
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0; got {workers}")
+    check_workers(workers)
     skip = {str(p) for p in exclude}
     keep = [i for i, item in enumerate(dataset.items) if not (normal_only and int(item["anomaly"]))]
     out: dict[str, _Collected] = {}

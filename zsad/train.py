@@ -49,7 +49,7 @@ from zsad.cache import FeatureCache
 from zsad.data.dataset import AnomalyDataset, load_dataset, preprocess_image, preprocess_mask
 from zsad.data.images import DataError, load_pair
 from zsad.data.meta import record_mask_path, resolve_path
-from zsad.device import prepare
+from zsad.device import check_workers, prepare
 from zsad.methods.base import TrainableDetector
 from zsad.outputs import expand, share_like_umask
 
@@ -217,8 +217,7 @@ class FeatureSource:
         workers: int = 0,
         keep_on_device: bool = False,
     ) -> None:
-        if workers < 0:
-            raise ValueError(f"workers must be >= 0; got {workers}")
+        check_workers(workers)
         self.detector, self.dataset, self.cache = detector, dataset, cache
         self.key = detector.feature_key()
         self.device = detector.backbone.device
